@@ -1,0 +1,340 @@
+"""Measurement families: what the deep linear network is trained on.
+
+A family describes ``n`` linear measurements ``y_i = <A_i, E>`` of the
+end-to-end matrix ``E`` (shape ``(d_L, d_0)``), and knows the one contraction
+the trace of the Hessian needs from it (MATH.md):
+
+    contract(P_j, Q_j) = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²
+
+with ``P_j`` the suffix product ``(..., d_L, d_j)`` and ``Q_j`` the prefix
+product ``(..., d_{j-1}, d_0)``.  ``None`` stands for an identity (``P_L`` and
+``Q_1``), so no identity matrix is ever built.  The MSE trace is then
+``2 Σ_j contract(P_j, Q_j)`` for ``reduction="mean"`` and ``n`` times that
+for ``"sum"``.
+
+Measurement tensors carry no batch dimension: one set of measurements is
+shared by every problem of a batch of weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_floating
+
+__all__ = ["Measurements", "Isotropic", "Entries", "RankOne", "Dense", "Inputs"]
+
+
+def _fro2(M: torch.Tensor | None, size: int) -> torch.Tensor | int:
+    """‖M‖_F² over the last two dims; ``size`` for the identity (``M is None``)."""
+    return size if M is None else M.square().sum((-2, -1))
+
+
+class Measurements:
+    """Base class of the measurement families.
+
+    Subclasses set ``n`` (number of scalar measurements) and implement
+    ``predict``, ``contract`` and ``_check_shape``.
+    """
+
+    n: int | None
+
+    def predict(self, E: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def contract(self, P: torch.Tensor | None, Q: torch.Tensor | None, d_L: int, d_0: int) -> torch.Tensor:
+        """``(1/n) Σ_i ‖Pᵀ A_i Qᵀ‖_F²``, shape ``(...)``.  ``None`` means identity."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def target_shape(self, d_L: int, d_0: int) -> tuple[int, ...]:
+        """Shape of the targets (without batch dims) for an ``E`` of shape ``(d_L, d_0)``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def check(self, d_L: int, d_0: int, like: torch.Tensor) -> None:
+        """Raise if these measurements do not fit an ``E`` of shape ``(d_L, d_0)`` with ``like``'s dtype/device."""
+        self._check_shape(d_L, d_0)
+        for name, t in self._float_tensors():
+            check_floating(t, f"{type(self).__name__}.{name}", like)
+        for name, t in self._index_tensors():
+            if t.device != like.device:
+                raise ValueError(f"{type(self).__name__}.{name} is on {t.device} but the weights are on {like.device}")
+
+    def _check_shape(self, d_L: int, d_0: int) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _float_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return []
+
+    def _index_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return []
+
+    def to(self, *args, **kwargs) -> "Measurements":
+        """A copy with the floating tensors moved/cast like ``Tensor.to`` (index tensors only move)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def num_measurements(self, reduction: str, d_L: int) -> int:
+        """``n``, the divisor of ``reduction="mean"``; needed to rescale for ``"sum"``."""
+        if self.n is None:
+            raise ValueError(
+                f'reduction="{reduction}" needs the number of measurements: pass n to {type(self).__name__}(n=...)'
+            )
+        return self.n
+
+
+def _check_1d_count(t: torch.Tensor, name: str) -> int:
+    if t.dim() == 0 or t.shape[0] == 0:
+        raise ValueError(f"{name} holds zero measurements (shape {tuple(t.shape)}); need at least one")
+    return t.shape[0]
+
+
+class Isotropic(Measurements):
+    """The Gaussian / RIP population limit: ``E[A ⊗ A] = I``.
+
+    Predictions are ``E`` itself; the loss against a target ``M`` (shape
+    ``(d_L, d_0)``) is ``‖E - M‖_F²`` (the mean over infinitely many Gaussian
+    measurements).  ``contract = ‖P‖_F² ‖Q‖_F²``.
+
+    Args:
+        n: optional number of measurements, needed only for ``reduction="sum"``
+            (which multiplies the mean loss and trace by ``n``).
+    """
+
+    def __init__(self, n: int | None = None):
+        if n is not None and (not isinstance(n, int) or n <= 0):
+            raise ValueError(f"Isotropic(n=...) must be a positive int or None, got {n!r}")
+        self.n = n
+
+    def predict(self, E: torch.Tensor) -> torch.Tensor:
+        return E
+
+    def contract(self, P, Q, d_L, d_0):
+        return _fro2(P, d_L) * _fro2(Q, d_0)
+
+    def target_shape(self, d_L, d_0):
+        return (d_L, d_0)
+
+    def _check_shape(self, d_L, d_0):
+        pass
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __repr__(self):
+        return f"Isotropic(n={self.n})"
+
+
+class Entries(Measurements):
+    """Matrix completion: ``A_i = e_{rows_i} e_{cols_i}ᵀ``, predictions ``E[rows, cols]``.
+
+    ``contract = (1/n) Σ_i ‖P[rows_i, :]‖² ‖Q[:, cols_i]‖²``.
+
+    Args:
+        rows, cols: integer tensors of shape ``(n,)``.
+        shape: ``(d_L, d_0)``, the shape of ``E``; indices are checked against it.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]):
+        rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+        for name, t in (("rows", rows), ("cols", cols)):
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"Entries {name} must be an integer tensor, got dtype {t.dtype}")
+            if t.dim() != 1:
+                raise ValueError(f"Entries {name} must have shape (n,), got {tuple(t.shape)}")
+        if rows.shape != cols.shape:
+            raise ValueError(f"Entries rows {tuple(rows.shape)} and cols {tuple(cols.shape)} must have the same shape (n,)")
+        _check_1d_count(rows, "Entries rows")
+        if len(shape) != 2:
+            raise ValueError(f"Entries shape must be (d_L, d_0), got {tuple(shape)}")
+        self.shape = (int(shape[0]), int(shape[1]))
+        for name, t, size in (("rows", rows, self.shape[0]), ("cols", cols, self.shape[1])):
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= size:
+                raise ValueError(f"Entries {name} must lie in [0, {size}) for shape {self.shape}, found values in [{lo}, {hi}]")
+        self.rows, self.cols = rows.long(), cols.long()
+        self.n = rows.shape[0]
+
+    @classmethod
+    def uniform(cls, n: int, shape: tuple[int, int], *, generator=None, replace: bool = False, device=None) -> "Entries":
+        """``n`` entries of an ``shape`` matrix drawn uniformly (without replacement by default)."""
+        total = shape[0] * shape[1]
+        if not replace and n > total:
+            raise ValueError(f"cannot draw n={n} distinct entries from a {shape} matrix ({total} entries)")
+        if replace:
+            flat = torch.randint(total, (n,), generator=generator)
+        else:
+            flat = torch.randperm(total, generator=generator)[:n]
+        return cls(flat // shape[1], flat % shape[1], shape).to(device)
+
+    def predict(self, E):
+        return E[..., self.rows, self.cols]
+
+    def contract(self, P, Q, d_L, d_0):
+        # squared row norms of P and column norms of Q, gathered per entry
+        if P is None and Q is None:
+            return 1.0
+        r = 1.0 if P is None else P.square().sum(-1)[..., self.rows]
+        c = 1.0 if Q is None else Q.square().sum(-2)[..., self.cols]
+        return (r * c).mean(-1)
+
+    def target_shape(self, d_L, d_0):
+        return (self.n,)
+
+    def _check_shape(self, d_L, d_0):
+        if (d_L, d_0) != self.shape:
+            raise ValueError(f"Entries were built for a matrix of shape {self.shape} but E has shape ({d_L}, {d_0})")
+
+    def _index_tensors(self):
+        return [("rows", self.rows), ("cols", self.cols)]
+
+    def to(self, *args, **kwargs):
+        device = kwargs.get("device")
+        for a in args:
+            if isinstance(a, (str, torch.device)):
+                device = a
+            elif isinstance(a, torch.Tensor):
+                device = a.device
+        if device is None:
+            return self
+        new = object.__new__(Entries)
+        new.shape, new.n = self.shape, self.n
+        new.rows, new.cols = self.rows.to(device), self.cols.to(device)
+        return new
+
+    def __repr__(self):
+        return f"Entries(n={self.n}, shape={self.shape})"
+
+
+class RankOne(Measurements):
+    """Rank-one sensing: ``A_i = u_i v_iᵀ``, predictions ``u_iᵀ E v_i``.
+
+    ``contract = (1/n) Σ_i ‖Pᵀ u_i‖² ‖Q v_i‖²``.
+
+    Args:
+        u: ``(n, d_L)``;  v: ``(n, d_0)``.
+    """
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor):
+        for name, t in (("u", u), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"RankOne {name} must be a tensor of shape (n, d), got {getattr(t, 'shape', type(t))}")
+        if u.shape[0] != v.shape[0]:
+            raise ValueError(f"RankOne u {tuple(u.shape)} and v {tuple(v.shape)} must have the same number of rows n")
+        _check_1d_count(u, "RankOne u")
+        self.u, self.v, self.n = u, v, u.shape[0]
+
+    def predict(self, E):
+        return torch.einsum("...ab,na,nb->...n", E, self.u, self.v)
+
+    def contract(self, P, Q, d_L, d_0):
+        pu = self.u.square().sum(-1) if P is None else (self.u @ P).square().sum(-1)
+        qv = self.v.square().sum(-1) if Q is None else (self.v @ Q.transpose(-1, -2)).square().sum(-1)
+        return (pu * qv).mean(-1)
+
+    def target_shape(self, d_L, d_0):
+        return (self.n,)
+
+    def _check_shape(self, d_L, d_0):
+        if self.u.shape[1] != d_L or self.v.shape[1] != d_0:
+            raise ValueError(
+                f"RankOne u {tuple(self.u.shape)} and v {tuple(self.v.shape)} need widths (n, {d_L}) and (n, {d_0}) "
+                f"to measure E of shape ({d_L}, {d_0})"
+            )
+
+    def _float_tensors(self):
+        return [("u", self.u), ("v", self.v)]
+
+    def to(self, *args, **kwargs):
+        return RankOne(self.u.to(*args, **kwargs), self.v.to(*args, **kwargs))
+
+    def __repr__(self):
+        return f"RankOne(n={self.n}, d_L={self.u.shape[1]}, d_0={self.v.shape[1]})"
+
+
+class Dense(Measurements):
+    """General sensing with dense matrices ``A`` of shape ``(n, d_L, d_0)``; predictions ``<A_i, E>``.
+
+    ``contract = (1/n) Σ_i <A_i, (P Pᵀ) A_i (Qᵀ Q)>``.
+    """
+
+    def __init__(self, A: torch.Tensor):
+        if not isinstance(A, torch.Tensor) or A.dim() != 3:
+            raise ValueError(f"Dense A must be a tensor of shape (n, d_L, d_0), got {getattr(A, 'shape', type(A))}")
+        _check_1d_count(A, "Dense A")
+        self.A, self.n = A, A.shape[0]
+
+    @classmethod
+    def gaussian(cls, n: int, shape: tuple[int, int], *, generator=None, dtype=None, device=None) -> "Dense":
+        """``n`` i.i.d. standard Gaussian sensing matrices of shape ``shape``."""
+        return cls(torch.randn(n, *shape, generator=generator, dtype=dtype).to(device))
+
+    def predict(self, E):
+        return torch.einsum("...ab,nab->...n", E, self.A)
+
+    def contract(self, P, Q, d_L, d_0):
+        A = self.A
+        if P is None and Q is None:
+            return A.square().sum((-2, -1)).mean(-1)
+        # Gram form <A, G_P A G_Q>; an identity Gram is skipped
+        left = A if P is None else (P @ P.transpose(-1, -2)).unsqueeze(-3) @ A
+        right = A if Q is None else A @ (Q.transpose(-1, -2) @ Q).unsqueeze(-3)
+        return (left * right).sum((-2, -1)).mean(-1)
+
+    def target_shape(self, d_L, d_0):
+        return (self.n,)
+
+    def _check_shape(self, d_L, d_0):
+        if tuple(self.A.shape[1:]) != (d_L, d_0):
+            raise ValueError(f"Dense A has shape {tuple(self.A.shape)} but E has shape ({d_L}, {d_0}); need (n, {d_L}, {d_0})")
+
+    def _float_tensors(self):
+        return [("A", self.A)]
+
+    def to(self, *args, **kwargs):
+        return Dense(self.A.to(*args, **kwargs))
+
+    def __repr__(self):
+        return f"Dense(n={self.n}, shape={tuple(self.A.shape[1:])})"
+
+
+class Inputs(Measurements):
+    """Regression ``y = E x`` with every output observed: ``A_{(k,i)} = e_k x_iᵀ``.
+
+    Predictions ``x Eᵀ`` of shape ``(..., N, d_L)``; ``n = N d_L`` (``nn.MSELoss``
+    averages over every output).  ``contract = ‖P‖_F² ‖Q xᵀ‖_F² / (N d_L)``.
+
+    Args:
+        x: ``(N, d_0)`` inputs.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"Inputs x must be a tensor of shape (N, d_0), got {getattr(x, 'shape', type(x))}")
+        _check_1d_count(x, "Inputs x")
+        self.x = x
+        self.n = None  # depends on d_L; see num_measurements
+
+    def predict(self, E):
+        return self.x @ E.transpose(-1, -2)
+
+    def contract(self, P, Q, d_L, d_0):
+        qx = self.x.square().sum() if Q is None else (self.x @ Q.transpose(-1, -2)).square().sum((-2, -1))
+        return _fro2(P, d_L) * qx / (self.x.shape[0] * d_L)
+
+    def num_measurements(self, reduction, d_L):
+        return self.x.shape[0] * d_L
+
+    def target_shape(self, d_L, d_0):
+        return (self.x.shape[0], d_L)
+
+    def _check_shape(self, d_L, d_0):
+        if self.x.shape[1] != d_0:
+            raise ValueError(f"Inputs x has shape {tuple(self.x.shape)} but E has shape ({d_L}, {d_0}); need (N, {d_0})")
+
+    def _float_tensors(self):
+        return [("x", self.x)]
+
+    def to(self, *args, **kwargs):
+        return Inputs(self.x.to(*args, **kwargs))
+
+    def __repr__(self):
+        return f"Inputs(N={self.x.shape[0]}, d_0={self.x.shape[1]})"

@@ -1,0 +1,92 @@
+"""Plain-torch formulas: the ground truth every kernel is tested against, and the fallback.
+
+Everything here is vectorized over leading batch dimensions and over
+measurements (no Python loop over either); the only loop is over the ``L``
+layers of the chain.  Inputs are assumed already validated (see ``ops.py``).
+
+Notation (MATH.md): ``W_j`` of shape ``(..., d_j, d_{j-1})``,
+``E = W_L ⋯ W_1``, suffix products ``P_j = W_L ⋯ W_{j+1}`` (``P_L = I``),
+prefix products ``Q_j = W_{j-1} ⋯ W_1`` (``Q_1 = I``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .measurements import Isotropic, Measurements
+
+__all__ = ["end_to_end_ref", "chain_products_ref", "layer_terms_ref", "hessian_trace_ref", "mse_loss_ref"]
+
+
+def end_to_end_ref(weights: list[torch.Tensor]) -> torch.Tensor:
+    """``E = W_L ⋯ W_1``, shape ``(..., d_L, d_0)``."""
+    E = weights[0]
+    for W in weights[1:]:
+        E = W @ E
+    return E
+
+
+def chain_products_ref(weights: list[torch.Tensor]) -> tuple[list, list]:
+    """Suffix products ``[P_1, ..., P_L]`` and prefix products ``[Q_1, ..., Q_L]``.
+
+    ``P_j``: ``(..., d_L, d_j)``; ``Q_j``: ``(..., d_{j-1}, d_0)``.  The identities
+    ``P_L`` and ``Q_1`` are returned as ``None``.
+    """
+    L = len(weights)
+    Q: list = [None] * L
+    for j in range(1, L):  # Q_{j+1} = W_j Q_j
+        Q[j] = weights[j - 1] if Q[j - 1] is None else weights[j - 1] @ Q[j - 1]
+    P: list = [None] * L
+    for j in range(L - 2, -1, -1):  # P_j = P_{j+1} W_{j+1}
+        P[j] = weights[j + 1] if P[j + 1] is None else P[j + 1] @ weights[j + 1]
+    return P, Q
+
+
+def layer_terms_ref(weights: list[torch.Tensor], measurements: Measurements) -> torch.Tensor:
+    """Per-layer contractions ``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²``, shape ``(..., L)``.
+
+    The MSE trace of the Hessian is ``2 Σ_j c_j`` (``reduction="mean"``).
+    """
+    d_L, d_0 = weights[-1].shape[-2], weights[0].shape[-1]
+    batch = weights[0].shape[:-2]
+    P, Q = chain_products_ref(weights)
+    terms = []
+    for Pj, Qj in zip(P, Q):
+        c = measurements.contract(Pj, Qj, d_L, d_0)
+        if Pj is None and Qj is None:
+            # depth 1: the trace is a constant; keep it attached to W_1 so that
+            # autograd sees a (zero) gradient rather than an unused input
+            c = torch.as_tensor(c, dtype=weights[0].dtype, device=weights[0].device)
+            c = c + (weights[0] * 0).sum((-2, -1))
+        terms.append(c.expand(batch) if c.dim() == 0 else c)
+    return torch.stack(terms, dim=-1)
+
+
+def hessian_trace_ref(
+    weights: list[torch.Tensor],
+    measurements: Measurements,
+    reduction: str = "mean",
+    per_layer: bool = False,
+) -> torch.Tensor:
+    """``tr ∇²L(W) = (ℓ''/n) Σ_i Σ_j ‖P_jᵀ A_i Q_jᵀ‖_F²`` with ``ℓ'' = 2`` (MSE), shape ``(...)`` or ``(..., L)``.
+
+    ``reduction="sum"`` multiplies by ``n``.
+    """
+    terms = 2.0 * layer_terms_ref(weights, measurements)
+    if reduction == "sum":
+        terms = terms * measurements.num_measurements(reduction, weights[-1].shape[-2])
+    return terms if per_layer else terms.sum(-1)
+
+
+def mse_loss_ref(E: torch.Tensor, measurements: Measurements, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``nn.MSELoss`` of the predictions ``<A_i, E>`` against ``targets``, shape ``(...)``.
+
+    For ``Isotropic`` the mean loss is ``‖E - M‖_F²`` with ``targets = M``.
+    """
+    pred = measurements.predict(E)
+    sq = (pred - targets).square()
+    if isinstance(measurements, Isotropic):
+        loss = sq.sum((-2, -1))
+        return loss if reduction == "mean" else loss * measurements.num_measurements(reduction, E.shape[-2])
+    dims = tuple(range(-len(measurements.target_shape(E.shape[-2], E.shape[-1])), 0))
+    return sq.mean(dims) if reduction == "mean" else sq.sum(dims)

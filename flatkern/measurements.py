@@ -267,6 +267,21 @@ class Dense(Measurements):
         """``n`` i.i.d. standard Gaussian sensing matrices of shape ``shape``."""
         return cls(torch.randn(n, *shape, generator=generator, dtype=dtype).to(device))
 
+    def kernel(self) -> torch.Tensor:
+        """``K[a, b, c, d] = (1/n) Σ_i A_i[a, b] A_i[c, d]``, shape ``(d_L, d_0, d_L, d_0)``.
+
+        With it ``contract = Σ K[a,b,c,d] (P Pᵀ)[a,c] (Qᵀ Q)[d,b]`` costs
+        ``O((d_0 d_L)²)`` instead of ``O(n d_0 d_L (d_0 + d_L))``: the better
+        choice when ``n > d_0 d_L`` and the measurements are reused across steps.
+        Cached; recomputed if ``A`` is modified in place.
+        """
+        version = (self.A._version, self.A.data_ptr())
+        if getattr(self, "_kernel_version", None) != version:
+            flat = self.A.reshape(self.n, -1)
+            self._kernel = (flat.T @ flat / self.n).reshape(*self.A.shape[1:], *self.A.shape[1:])
+            self._kernel_version = version
+        return self._kernel
+
     def predict(self, E):
         return torch.einsum("...ab,nab->...n", E, self.A)
 

@@ -10,6 +10,9 @@ See ``flatkern.ops.hessian_trace`` for the formula and ``MATH.md`` for the theor
 from .measurements import Dense, Entries, Inputs, Isotropic, Measurements, RankOne
 from .ops import available_backends, end_to_end, hessian_trace, mse_loss
 from .theory import flatness_lower_bound, flattest_factorization
+from . import nn, optim
+from .nn import hessian_trace_of
+from .objective import objective
 
 __version__ = "0.1.0"
 
@@ -17,4 +20,5 @@ __all__ = [
     "Measurements", "Isotropic", "Entries", "RankOne", "Dense", "Inputs",
     "end_to_end", "mse_loss", "hessian_trace", "available_backends",
     "flatness_lower_bound", "flattest_factorization",
+    "nn", "optim", "hessian_trace_of", "objective",
 ]

@@ -24,6 +24,9 @@ __all__ = ["end_to_end", "mse_loss", "hessian_trace", "available_backends"]
 # backend name -> module in flatkern.kernels implementing its ops
 _KERNEL_MODULES = {"cpp": "flatkern.kernels.cpp", "triton": "flatkern.kernels.triton_chain"}
 _AUTO_BY_DEVICE = {"cpu": "cpp", "cuda": "triton"}
+# ops whose plain-torch form already is the floor (one BLAS call per layer):
+# a compiled kernel only adds dispatch overhead, so "auto" keeps them in torch
+_AUTO_TORCH_OPS = {"end_to_end"}
 _warned_fallback: set[str] = set()
 
 
@@ -48,7 +51,7 @@ def _unavailable(backend: str, op: str, device: torch.device) -> str | None:
 def _resolve(backend: str, op: str, device: torch.device):
     """The function implementing ``op`` for ``backend`` on ``device``."""
     check_backend(backend)
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and op in _AUTO_TORCH_OPS):
         return getattr(reference, f"{op}_ref")
     if backend == "auto":
         preferred = _AUTO_BY_DEVICE.get(device.type)

@@ -1,0 +1,144 @@
+"""flatkern.objective: (mse_loss + lam * hessian_trace, hessian_trace) from one shared pass."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import flatkern
+import flatkern.kernels.cpp as cpp
+from flatkern.objective import layer_terms_and_end_to_end_ref, objective
+
+pytestmark = pytest.mark.filterwarnings("ignore:flatkern. using the plain-torch backend")
+
+CPP_FUSED = hasattr(cpp, "layer_terms_and_end_to_end") and cpp.unavailable_reason(torch.device("cpu")) is None
+needs_cpp = pytest.mark.skipif(not CPP_FUSED, reason="the C++ fused kernel layer_terms_and_end_to_end is not built")
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-4, rtol=1e-4)}
+
+
+def _family(name, d_L, d_0, g, dtype):
+    if name == "isotropic":
+        return flatkern.Isotropic(n=7)
+    if name == "entries":
+        return flatkern.Entries.uniform(min(9, d_L * d_0), (d_L, d_0), generator=g)
+    if name == "rank_one":
+        return flatkern.RankOne(torch.randn(6, d_L, dtype=dtype, generator=g), torch.randn(6, d_0, dtype=dtype, generator=g))
+    if name == "dense":
+        return flatkern.Dense(torch.randn(5, d_L, d_0, dtype=dtype, generator=g))
+    return flatkern.Inputs(torch.randn(4, d_0, dtype=dtype, generator=g))
+
+
+def _case(dims, family, batch=(), dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ws = [(torch.randn(*batch, dims[j + 1], dims[j], dtype=dtype, generator=g) / dims[j] ** 0.5).requires_grad_()
+          for j in range(len(dims) - 1)]
+    meas = _family(family, dims[-1], dims[0], g, dtype)
+    shape = meas.target_shape(dims[-1], dims[0])
+    targets = torch.randn(*batch, *shape, dtype=dtype, generator=g)
+    return ws, meas, targets
+
+
+def _check_against_separate_ops(ws, meas, targets, lam, reduction, backend, tol):
+    loss, trace = objective(ws, meas, targets, lam=lam, reduction=reduction, backend=backend)
+    got = torch.autograd.grad(loss.sum(), ws)
+    ref_ws = [w.detach().clone().requires_grad_() for w in ws]
+    ref_trace = flatkern.hessian_trace(ref_ws, meas, reduction=reduction, backend="torch")
+    ref_loss = flatkern.mse_loss(ref_ws, meas, targets, reduction, backend="torch") + lam * ref_trace
+    want = torch.autograd.grad(ref_loss.sum(), ref_ws)
+    torch.testing.assert_close(trace, ref_trace, **tol)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+
+
+FAMILIES = ["isotropic", "entries", "rank_one", "dense", "inputs"]
+SHAPES = [([5, 3], ()), ([4, 7, 3], ()), ([5, 7, 2, 3], ()), ([3, 11, 5, 4, 2], ()), ([4, 6, 5, 3], (2,))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dims, batch", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_torch_path_equals_mse_loss_plus_lam_hessian_trace(family, dims, batch, reduction):
+    ws, meas, targets = _case(dims, family, batch)
+    _check_against_separate_ops(ws, meas, targets, 0.37, reduction, "torch", TOL[torch.float64])
+
+
+@needs_cpp
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dims, batch", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpp_fused_path_equals_mse_loss_plus_lam_hessian_trace(family, dims, batch, dtype):
+    ws, meas, targets = _case(dims, family, batch, dtype=dtype)
+    _check_against_separate_ops(ws, meas, targets, 0.37, "mean", "cpp", TOL[dtype])
+
+
+@needs_cpp
+def test_auto_uses_the_cpp_fused_kernel_once_on_cpu(monkeypatch):
+    calls = []
+    fused = cpp.layer_terms_and_end_to_end
+    monkeypatch.setattr(cpp, "layer_terms_and_end_to_end", lambda *a: calls.append(1) or fused(*a))
+    ws, meas, targets = _case([5, 7, 4], "entries")
+    objective(ws, meas, targets, lam=0.1)
+    assert len(calls) == 1
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("depth", [2, 3, 5])
+def test_torch_path_forms_each_chain_product_once(depth):
+    # prefix Q_3..Q_L (L-2), E = W_L Q_L (1), suffix P_{L-2}..P_1 (L-2): 2L-3 products,
+    # where mse_loss + hessian_trace separately need (L-1) + (2L-4)
+    ws, meas, targets = _case([4] * (depth + 1), "isotropic")
+    with torch.no_grad(), _CountMatmuls() as counter:
+        objective(ws, meas, targets, lam=0.5, backend="torch")
+    assert counter.count == 2 * depth - 3
+
+
+def test_layer_terms_and_end_to_end_ref_matches_the_reference_pieces():
+    ws, meas, _ = _case([5, 6, 4, 3], "rank_one")
+    terms, E = layer_terms_and_end_to_end_ref(ws, meas)
+    torch.testing.assert_close(terms, flatkern.reference.layer_terms_ref(ws, meas))
+    torch.testing.assert_close(E, flatkern.reference.end_to_end_ref(ws))
+
+
+def test_lam_zero_gives_the_plain_loss_and_a_tensor_lam_broadcasts_over_the_batch():
+    ws, meas, targets = _case([4, 6, 3], "entries", batch=(3,))
+    loss, trace = objective(ws, meas, targets, lam=0.0, backend="torch")
+    torch.testing.assert_close(loss, flatkern.mse_loss(ws, meas, targets, backend="torch"))
+    lams = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
+    loss, trace = objective(ws, meas, targets, lam=lams, backend="torch")
+    torch.testing.assert_close(loss, flatkern.mse_loss(ws, meas, targets, backend="torch") + lams * trace)
+
+
+def test_bad_arguments_raise_clear_errors():
+    ws, meas, targets = _case([4, 6, 3], "entries")
+    with pytest.raises(ValueError, match=r"targets has shape \(4,\)"):
+        objective(ws, meas, targets[:4], lam=0.1)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        objective(ws, meas, targets, lam=0.1, reduction="max")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        objective(ws, meas, targets, lam=0.1, backend="cuda")
+    with pytest.raises(TypeError, match="lam must be a number"):
+        objective(ws, meas, targets, lam="0.1")
+    with pytest.raises(ValueError, match="needs the number of measurements"):
+        objective(ws, flatkern.Isotropic(), torch.zeros(3, 4, dtype=torch.float64), lam=0.1, reduction="sum")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("family", ["entries", "inputs"])
+def test_objective_passes_gradcheck(backend, family):
+    ws, meas, targets = _case([3, 5, 4, 2], family)
+
+    def f(*ws):
+        loss, trace = objective(list(ws), meas, targets, lam=0.3, backend=backend)
+        return loss, trace
+
+    assert torch.autograd.gradcheck(f, tuple(w.detach().requires_grad_() for w in ws))

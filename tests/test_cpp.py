@@ -1,0 +1,299 @@
+"""The fused C++ CPU kernels of the trace (flatkern::hessian_layer_terms) against the plain-torch reference."""
+
+import random
+
+import pytest
+import torch
+
+try:
+    import flatkern._C  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the build
+    pytest.skip(f"the C++ extension flatkern._C is not built ({exc})", allow_module_level=True)
+
+from helpers import FAMILIES, autograd_hessian_trace, make_measurements, make_weights
+
+import flatkern as fk
+from flatkern.kernels import cpp
+from flatkern.reference import end_to_end_ref, layer_terms_ref
+
+# depth 1 to 5, prime and non-square widths
+DIMS = [
+    [5, 3],
+    [5, 7, 3],
+    [2, 7, 11, 3],
+    [3, 5, 2, 7, 4],
+    [4, 3, 5, 2, 3, 7],
+]
+# "dense_kernel": enough measurements (n > d_0 d_L) that the kernel K path is taken
+KINDS = (*FAMILIES, "dense_kernel")
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-11)}
+
+
+def measurements_for(kind, d_L, d_0, dtype=torch.float64, seed=1, n=7):
+    if kind == "dense_kernel":
+        return make_measurements("dense", d_L, d_0, n=d_L * d_0 + 3, dtype=dtype, seed=seed)[0]
+    return make_measurements(kind, d_L, d_0, n=n, dtype=dtype, seed=seed)[0]
+
+
+def reference_and_cpp(W, meas):
+    """(terms, grads) of the reference and of the C++ kernels for the same random upstream gradient."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for fn in (layer_terms_ref, cpp.layer_terms):
+        ws = [w.detach().clone().requires_grad_(True) for w in W]
+        terms = fn(ws, meas)
+        up = torch.randn(terms.shape, generator=g.manual_seed(7), dtype=torch.float64).to(terms.dtype)
+        grads = torch.autograd.grad((terms * up).sum(), ws)
+        out.append((terms.detach(), grads))
+    return out
+
+
+@pytest.mark.parametrize(
+    "batch, dtype",
+    [((), torch.float64), ((2, 3), torch.float64), ((2, 3), torch.float32)],
+    ids=["single-f64", "batch2x3-f64", "batch2x3-f32"],
+)
+@pytest.mark.parametrize("dims", DIMS, ids=lambda d: f"L{len(d) - 1}")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpp_layer_terms_and_gradients_match_reference(kind, dims, batch, dtype):
+    W = make_weights(dims, batch=batch, dtype=dtype)
+    meas = measurements_for(kind, dims[-1], dims[0], dtype)
+    (ref, ref_grads), (got, got_grads) = reference_and_cpp(W, meas)
+    assert got.shape == (*batch, len(dims) - 1)
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    for gr, gc in zip(ref_grads, got_grads):
+        torch.testing.assert_close(gc, gr, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_wide_layers_take_the_blas_path_and_match_reference(kind, dtype):
+    # a width above 128 sends the chain products to BLAS instead of the in-cache kernel
+    dims = [5, 131, 7, 4]
+    W = make_weights(dims, batch=(2,), dtype=dtype)
+    meas = measurements_for(kind, dims[-1], dims[0], dtype)
+    (ref, ref_grads), (got, got_grads) = reference_and_cpp(W, meas)
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    for gr, gc in zip(ref_grads, got_grads):
+        torch.testing.assert_close(gc, gr, **TOL[dtype])
+
+
+def test_dense_uses_the_kernel_exactly_when_n_exceeds_d0_dL():
+    few = measurements_for("dense", 3, 4, n=12)
+    many = measurements_for("dense", 3, 4, n=13)
+    assert cpp._encode(few, 3, 4)[0] == cpp._DENSE
+    family, Kp, _ = cpp._encode(many, 3, 4)
+    assert family == cpp._DENSE_KERNEL and Kp.shape == (3, 3, 4, 4)
+    # the cached permuted kernel follows in-place changes of A
+    many.A.mul_(2)
+    torch.testing.assert_close(cpp._encode(many, 3, 4)[1], 4 * Kp)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_hessian_trace_backend_cpp_matches_autograd_hessian(kind, reduction):
+    dims = [3, 5, 2, 4]
+    W = make_weights(dims)
+    meas, targets = make_measurements("dense" if kind == "dense_kernel" else kind, dims[-1], dims[0],
+                                      n=dims[0] * dims[-1] + 1 if kind == "dense_kernel" else 7)
+    expected = autograd_hessian_trace(W, meas, targets, reduction, per_layer=True)
+    for backend in ("cpp", "auto"):
+        got = fk.hessian_trace(W, meas, reduction=reduction, per_layer=True, backend=backend)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_backend_on_cpu_runs_the_cpp_kernel(monkeypatch):
+    calls = []
+    real = torch.ops.flatkern.hessian_layer_terms
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[1])
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.flatkern, "hessian_layer_terms", Spy())
+    fk.hessian_trace(make_weights([3, 4, 2]), fk.Isotropic(), backend="auto")
+    assert calls == [cpp._ISOTROPIC]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_terms_and_end_to_end_match_reference_with_both_gradients(kind):
+    dims, batch = [4, 3, 5, 2], (2,)
+    W = make_weights(dims, batch=batch)
+    meas = measurements_for(kind, dims[-1], dims[0])
+    g = torch.Generator().manual_seed(3)
+    up_t = torch.randn(*batch, 3, generator=g, dtype=torch.float64)
+    up_E = torch.randn(*batch, 2, 4, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lambda ws: (layer_terms_ref(ws, meas), end_to_end_ref(ws)),
+               lambda ws: cpp.layer_terms_and_end_to_end(ws, meas)):
+        ws = [w.clone().requires_grad_(True) for w in W]
+        terms, E = fn(ws)
+        grads = torch.autograd.grad((terms * up_t).sum() + (E * up_E).sum(), ws)
+        results.append((terms, E, grads))
+    (rt, rE, rg), (ct, cE, cg) = results
+    torch.testing.assert_close(ct, rt, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(cE, rE, rtol=1e-11, atol=1e-11)
+    for a, b in zip(cg, rg):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_end_to_end_gradient_alone_matches_reference():
+    # only E is used: the terms' gradient is absent and must count as zero
+    W = make_weights([3, 4, 5], batch=(2,), requires_grad=True)
+    meas = measurements_for("rankone", 5, 3)
+    _, E = cpp.layer_terms_and_end_to_end(W, meas)
+    got = torch.autograd.grad(E.square().sum(), W)
+    expected = torch.autograd.grad(end_to_end_ref(W).square().sum(), W)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(kind):
+    W = make_weights([3, 4, 2, 5], batch=(2,), requires_grad=True)
+    meas = measurements_for(kind, 5, 3)
+    assert torch.autograd.gradcheck(lambda *ws: cpp.layer_terms(list(ws), meas), W)
+    assert torch.autograd.gradcheck(lambda *ws: cpp.layer_terms_and_end_to_end(list(ws), meas), W)
+
+
+@pytest.mark.parametrize(
+    "kind, dims",
+    [(k, [3, 4, 2, 5]) for k in KINDS] + [("isotropic", [3, 4]), ("entries", [3, 4]), ("rankone", [4, 3])],
+    ids=lambda v: f"L{len(v) - 1}" if isinstance(v, list) else v,
+)
+def test_opcheck_registered_ops(kind, dims):
+    W = make_weights(dims, batch=(2,), requires_grad=True)
+    meas = measurements_for(kind, dims[-1], dims[0])
+    family, a, b = cpp._encode(meas, dims[-1], dims[0])
+    for with_E in (False, True):
+        torch.library.opcheck(torch.ops.flatkern.hessian_layer_terms.default, (W, family, a, b, with_E))
+    Wd = [w.detach() for w in W]
+    _, _, saved = torch.ops.flatkern.hessian_layer_terms(Wd, family, a, b, True)
+    grad_terms = torch.randn(2, len(W), dtype=torch.float64)
+    grad_E = torch.randn(2, dims[-1], dims[0], dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.flatkern.hessian_layer_terms_backward.default, (Wd, family, a, b, saved, grad_terms, grad_E)
+    )
+
+
+def test_second_derivative_raises_a_clear_error():
+    W = make_weights([3, 4, 2], requires_grad=True)
+    trace = fk.hessian_trace(W, fk.Isotropic(), backend="cpp")
+    grads = torch.autograd.grad(trace, W, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives of the trace only"):
+        torch.autograd.grad(grads[0].sum(), W)
+
+
+def test_torch_compile_traces_the_op_without_graph_breaks():
+    W = make_weights([3, 4, 2, 5], batch=(2,), requires_grad=True)
+    meas = measurements_for("entries", 5, 3)
+    compiled = torch.compile(lambda ws: cpp.layer_terms(ws, meas).sum(), backend="eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(W), W)
+    expected = torch.autograd.grad(layer_terms_ref(W, meas).sum(), W)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_seeded_sweep_over_shapes_families_and_batches_matches_reference():
+    rng = random.Random(2024)
+    for trial in range(30):
+        L = rng.randint(1, 5)
+        dims = [rng.randint(1, 9) for _ in range(L + 1)]
+        batch = rng.choice([(), (1,), (3,), (2, 2)])
+        dtype = rng.choice([torch.float32, torch.float64])
+        kind = rng.choice(KINDS)
+        W = make_weights(dims, batch=batch, dtype=dtype, seed=trial)
+        meas = measurements_for(kind, dims[-1], dims[0], dtype, seed=trial, n=rng.randint(1, 12))
+        (ref, ref_grads), (got, got_grads) = reference_and_cpp(W, meas)
+        msg = f"trial {trial}: {kind} dims={dims} batch={batch} {dtype}"
+        torch.testing.assert_close(got, ref, **TOL[dtype], msg=msg)
+        for gr, gc in zip(ref_grads, got_grads):
+            torch.testing.assert_close(gc, gr, **TOL[dtype], msg=msg)
+
+
+def test_batch_of_problems_runs_in_parallel_and_matches_each_problem_alone():
+    # large enough batch that at::parallel_for splits it across threads
+    W = make_weights([6, 8, 7, 5], batch=(64,), dtype=torch.float32)
+    meas = measurements_for("entries", 5, 6, torch.float32, n=20)
+    batched = cpp.layer_terms(W, meas)
+    for p in (0, 31, 63):
+        torch.testing.assert_close(batched[p], cpp.layer_terms([w[p] for w in W], meas), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------ bad input
+
+
+def _direct_args(family=cpp._ISOTROPIC, a=None, b=None, dims=(3, 4, 2)):
+    W = make_weights(list(dims))
+    return W, family, a, b
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("entries_row_out_of_range", "rows\\[1\\] = 2 is out of range"),
+        ("entries_col_negative", "cols\\[0\\] = -1 is out of range"),
+        ("entries_int32_indices", "must have dtype Long"),
+        ("noncontiguous_weight", "must be contiguous"),
+        ("noncontiguous_operand", "must be contiguous"),
+        ("operand_wrong_dtype", "must have dtype Double"),
+        ("operand_wrong_shape", "must have shape"),
+        ("missing_operand", "needs operand"),
+        ("unknown_family", "unknown measurement family 9"),
+        ("integer_weights", "float32 or float64"),
+        ("weights_do_not_chain", "do not chain"),
+        ("dense_kernel_wrong_shape", "must have shape"),
+        ("isotropic_with_operand", "takes no operands"),
+    ],
+)
+def test_direct_calls_with_bad_input_raise_instead_of_crashing(case, match):
+    W = make_weights([3, 4, 2])  # d_0 = 3, d_L = 2
+    rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
+    family, a, b = cpp._ISOTROPIC, None, None
+    if case == "entries_row_out_of_range":
+        family, a, b = cpp._ENTRIES, torch.tensor([0, 2]), cols
+    elif case == "entries_col_negative":
+        family, a, b = cpp._ENTRIES, rows, torch.tensor([-1, 0])
+    elif case == "entries_int32_indices":
+        family, a, b = cpp._ENTRIES, rows.int(), cols.int()
+    elif case == "noncontiguous_weight":
+        W[1] = torch.randn(4, 2, dtype=torch.float64).t()
+    elif case == "noncontiguous_operand":
+        family, a, b = cpp._RANK_ONE, torch.randn(2, 5, dtype=torch.float64)[:, ::2][:, :2], torch.randn(5, 3, dtype=torch.float64)
+    elif case == "operand_wrong_dtype":
+        family, a = cpp._INPUTS, torch.randn(5, 3, dtype=torch.float32)
+    elif case == "operand_wrong_shape":
+        family, a, b = cpp._RANK_ONE, torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    elif case == "missing_operand":
+        family, a = cpp._ENTRIES, rows
+    elif case == "unknown_family":
+        family = 9
+    elif case == "integer_weights":
+        W = [torch.ones(4, 3, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int64)]
+    elif case == "weights_do_not_chain":
+        W = [torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)]
+    elif case == "dense_kernel_wrong_shape":
+        family, a = cpp._DENSE_KERNEL, torch.randn(2, 2, 3, 2, dtype=torch.float64)
+    elif case == "isotropic_with_operand":
+        a = torch.randn(3)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.flatkern.hessian_layer_terms(W, family, a, b, False)
+
+
+@pytest.mark.parametrize("case", ["saved_too_short", "grad_terms_wrong_shape", "grad_E_wrong_shape", "saved_wrong_dtype"])
+def test_direct_backward_calls_with_bad_input_raise_instead_of_crashing(case):
+    W = make_weights([3, 4, 2])
+    rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
+    _, _, saved = torch.ops.flatkern.hessian_layer_terms(W, cpp._ENTRIES, rows, cols, False)
+    grad_terms, grad_E = torch.ones(2, dtype=torch.float64), None
+    if case == "saved_too_short":
+        saved = saved[:-1]
+    elif case == "grad_terms_wrong_shape":
+        grad_terms = torch.ones(3, dtype=torch.float64)
+    elif case == "grad_E_wrong_shape":
+        grad_E = torch.ones(3, 2, dtype=torch.float64)
+    elif case == "saved_wrong_dtype":
+        saved = saved.float()
+    with pytest.raises(RuntimeError, match="must have (shape|dtype)"):
+        torch.ops.flatkern.hessian_layer_terms_backward(W, cpp._ENTRIES, rows, cols, saved, grad_terms, grad_E)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def _reproduce(args) -> int:
 
 def _bench(argv: list[str]) -> int:
     try:
-        from . import benchmarks
+        # through sys.modules (not the package attribute) so the module can be replaced
+        benchmarks = importlib.import_module("flatkern.benchmarks")
     except ImportError as exc:
         if getattr(exc, "name", None) != "flatkern.benchmarks":
             raise

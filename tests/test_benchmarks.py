@@ -1,0 +1,156 @@
+"""The benchmark's providers compute the right number, and `flatkern bench` runs.
+
+Exact providers must equal the float64 reference; estimators must be
+unbiased, checked against the exact trace within 5 standard errors (a
+correct estimator fails such a check with probability below 1e-6 when the
+standard error is known, below 1e-4 when it is estimated from 20 draws).
+The seeds are fixed, so each check is deterministic.
+"""
+
+import json
+
+import pytest
+import torch
+
+import flatkern.benchmarks as B
+
+TINY = {r.name: r for r in B.TEST_REGIMES}
+EXACT_TOL = dict(rtol=1e-10, atol=1e-10)  # float64 against the float64 reference
+
+
+def _problem(name="tiny", dtype=torch.float64):
+    return B.make_problem(TINY[name], dtype=dtype)
+
+
+def _provider(name_part, device="cpu"):
+    (p,) = [p for p in B.providers_for(device) if name_part in p.name]
+    return p
+
+
+def _explicit_hessian(problem):
+    loss, theta = B._flat(problem)
+    return torch.func.hessian(loss)(theta)
+
+
+def test_exact_value_is_the_trace_of_the_explicit_hessian():
+    # the number every row is judged against is the trace of the full autograd Hessian
+    for name in ("tiny", "tiny-regression"):
+        problem = _problem(name)
+        torch.testing.assert_close(problem.exact, _explicit_hessian(problem).trace(), **EXACT_TOL)
+
+
+@pytest.mark.parametrize("backend", B.ops.available_backends("cpu"))
+@pytest.mark.parametrize("name", ["tiny", "tiny-regression", "tiny-batched"])
+def test_flatkern_rows_equal_the_reference(backend, name):
+    problem = _problem(name)
+    got = _provider(f"flatkern[{backend}]").trace(problem)
+    torch.testing.assert_close(got, problem.exact, **EXACT_TOL)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-regression"])
+@pytest.mark.parametrize("provider", ["autograd Hessian", "autograd HVP loop"])
+def test_autograd_exact_rows_equal_the_reference(provider, name):
+    problem = _problem(name)
+    torch.testing.assert_close(_provider(provider).trace(problem), problem.exact, **EXACT_TOL)
+
+
+def test_hvp_loop_is_exact_across_chunk_boundaries():
+    # 42 parameters in chunks of 5: the last chunk is partial
+    problem = _problem("tiny")
+    torch.testing.assert_close(B._hvp_loop_trace(problem, chunk=5), problem.exact, **EXACT_TOL)
+
+
+@pytest.mark.slow
+def test_compiled_reference_equals_the_reference():
+    problem = _problem("tiny")
+    torch.testing.assert_close(_provider("torch.compile").trace(problem), problem.exact, **EXACT_TOL)
+
+
+def test_backpack_diag_ggn_sums_to_the_exact_trace():
+    pytest.importorskip("backpack")
+    problem = _problem("tiny-regression")
+    torch.testing.assert_close(B.backpack_trace(problem), problem.exact, **EXACT_TOL)
+
+
+def _rademacher_std(problem, num_probes):
+    # Var(vᵀHv) = 2 Σ_{i≠j} H_ij² for Rademacher v; the mean of m probes has std sqrt(Var / m)
+    H = _explicit_hessian(problem)
+    var = 2 * (H.square().sum() - H.diagonal().square().sum())
+    assert var > 0  # otherwise the check below could not fail
+    return (var / num_probes).sqrt()
+
+
+@pytest.mark.parametrize("estimator", [B.hutchinson_loop, B.hutchinson_vmap], ids=["loop", "vmap"])
+def test_hutchinson_is_unbiased_within_five_standard_errors(estimator):
+    problem = _problem("tiny")
+    m = 400
+    std = _rademacher_std(problem, m)
+    for seed in (0, 1):
+        est = estimator(problem, num_probes=m, seed=seed)
+        assert abs(est - problem.exact) < 5 * std, (est, problem.exact, std)
+
+
+def test_hutchinson_error_shrinks_like_one_over_sqrt_probes():
+    # the standard error of 100 probes, the benchmark's setting, is what the error column reports
+    problem = _problem("tiny")
+    errs = torch.stack([B.hutchinson_vmap(problem, num_probes=100, seed=s) - problem.exact for s in range(40)])
+    rms, std = errs.square().mean().sqrt(), _rademacher_std(problem, 100)
+    # 40 draws: rms² / std² ~ χ²_40 / 40, inside (0.36, 1.96) with probability > 0.999
+    assert 0.6 * std < rms < 1.4 * std, (rms, std)
+
+
+def test_curvlinops_hutchpp_is_unbiased_within_five_standard_errors():
+    pytest.importorskip("curvlinops")
+    problem = _problem("tiny")
+    draws = torch.stack([B.curvlinops_hutchpp(problem, num_matvecs=12, seed=s) for s in range(20)])
+    se = draws.std() / len(draws) ** 0.5  # Student t with 19 degrees of freedom: |t| > 5 has probability < 1e-4
+    assert se > 0
+    assert abs(draws.mean() - problem.exact) < 5 * se, (draws.mean(), problem.exact, se)
+
+
+@pytest.mark.parametrize("provider", ["autograd Hessian", "Hutchinson-100 (PyHessian", "BackPACK", "curvlinops"])
+def test_peers_without_a_batched_mode_skip_batched_problems_with_a_reason(provider):
+    row = B.measure(_provider(provider), _problem("tiny-batched"), min_time=0.0, max_repeat=1)
+    assert row["fwd_s"] is None and row["note"].startswith("skipped:")
+
+
+def test_peak_memory_sees_a_known_allocation():
+    nbytes = 64 * 2**20
+
+    def allocate():
+        return torch.ones(nbytes // 4).sum()  # touches every page of a 64 MiB tensor
+
+    _, _, peak = B.peak_memory(allocate, "cpu")
+    if peak is None:
+        pytest.skip("peak resident memory is measured on Linux only")
+    assert 0.9 * nbytes < peak < 1.5 * nbytes, peak / 2**20
+
+
+def test_too_slow_provider_is_extrapolated_and_marked(monkeypatch):
+    monkeypatch.setattr(B, "HVP_MAX_PARAMS", 10)
+    monkeypatch.setattr(B, "HVP_CHUNK", 4)
+    row = B.measure(_provider("autograd HVP loop"), _problem("tiny"), min_time=0.0, max_repeat=1)
+    assert row["extrapolated"] and row["fwd_s"] > 0 and row["value"] is None
+    assert "extrapolated" in row["note"]
+
+
+def test_run_on_tiny_regimes_prints_and_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = B.main(["--regimes", "tiny", "tiny-regression", "--min-time", "0", "--providers", "Hessian (", "BackPACK",
+                 "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "time / flatkern" in printed and "autograd Hessian" in printed
+    results = json.loads(out.read_text())
+    rows = results["regimes"]["tiny"]["rows"]
+    names = [r["provider"] for r in rows]
+    assert "flatkern[torch]" in names and "autograd Hessian (torch.func.hessian)" in names
+    for r in rows:  # every row that ran is exact to float32 precision; the flatkern row is the unit
+        if r["fwd_s"] is not None:
+            assert r["rel_err"] < 1e-5, r
+    assert next(r for r in rows if r["provider"] == results["flatkern_row"])["slowdown_vs_flatkern"] == 1
+    backpack_rows = [r for r in results["regimes"]["tiny-regression"]["rows"] if r["provider"].startswith("BackPACK")]
+    assert backpack_rows and (backpack_rows[0]["rel_err"] is not None or "not installed" in backpack_rows[0]["note"])
+    md = tmp_path / "bench.md"
+    assert B.main(["--regimes", "tiny", "--min-time", "0", "--providers", "Hessian (", "--out", str(md)]) == 0
+    assert "| flatkern[torch] | exact |" in md.read_text()

@@ -8,6 +8,15 @@ import flatkern as fk
 
 FAMILIES = ("isotropic", "entries", "rankone", "dense", "inputs")
 
+# depth 1 to 5, prime and non-square widths
+DIMS = [
+    [5, 3],
+    [5, 7, 3],
+    [2, 7, 11, 3],
+    [3, 5, 2, 7, 4],
+    [4, 3, 5, 2, 3, 7],
+]
+
 
 def make_weights(dims, batch=(), dtype=torch.float64, seed=0, requires_grad=False):
     """Random ``[W_1, ..., W_L]`` for widths ``dims = [d_0, ..., d_L]``, scaled so products stay O(1)."""

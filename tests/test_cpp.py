@@ -10,20 +10,12 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the build
     pytest.skip(f"the C++ extension flatkern._C is not built ({exc})", allow_module_level=True)
 
-from helpers import FAMILIES, autograd_hessian_trace, make_measurements, make_weights
+from helpers import DIMS, FAMILIES, autograd_hessian_trace, make_measurements, make_weights
 
 import flatkern as fk
 from flatkern.kernels import cpp
 from flatkern.reference import end_to_end_ref, layer_terms_ref
 
-# depth 1 to 5, prime and non-square widths
-DIMS = [
-    [5, 3],
-    [5, 7, 3],
-    [2, 7, 11, 3],
-    [3, 5, 2, 7, 4],
-    [4, 3, 5, 2, 3, 7],
-]
 # "dense_kernel": enough measurements (n > d_0 d_L) that the kernel K path is taken
 KINDS = (*FAMILIES, "dense_kernel")
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-11)}
@@ -297,3 +289,15 @@ def test_direct_backward_calls_with_bad_input_raise_instead_of_crashing(case):
         saved = saved.float()
     with pytest.raises(RuntimeError, match="must have (shape|dtype)"):
         torch.ops.flatkern.hessian_layer_terms_backward(W, cpp._ENTRIES, rows, cols, saved, grad_terms, grad_E)
+
+
+@pytest.mark.parametrize("family", ["entries", "inputs", "isotropic"])
+def test_float32_sums_over_many_terms_are_as_accurate_as_plain_torch(family):
+    # sums over 2e5 measurements or d^2 entries: float32 accumulation would lose ~1e-5
+    d = 160
+    W = make_weights([d, d, d], seed=4)
+    meas, _ = make_measurements(family, d, d, n=200_000 if family == "entries" else 2000, seed=5)
+    ref = fk.hessian_trace(W, meas, backend="torch")
+    W32, meas32 = [w.float() for w in W], meas.to(torch.float32)
+    err = {b: ((fk.hessian_trace(W32, meas32, backend=b).double() - ref) / ref).abs().item() for b in ("torch", "cpp")}
+    assert err["cpp"] <= max(2 * err["torch"], 1e-6), err

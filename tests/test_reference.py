@@ -2,19 +2,11 @@
 
 import pytest
 import torch
-from helpers import FAMILIES, autograd_hessian_trace, make_measurements, make_weights
+from helpers import DIMS, FAMILIES, autograd_hessian_trace, make_measurements, make_weights
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flatkern as fk
 
-# depth 1 to 5, prime and non-square widths
-DIMS = [
-    [5, 3],
-    [5, 7, 3],
-    [2, 7, 11, 3],
-    [3, 5, 2, 7, 4],
-    [4, 3, 5, 2, 3, 7],
-]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -22,7 +22,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 triton = pytest.importorskip("triton")
 
-from helpers import FAMILIES, autograd_hessian_trace, make_measurements, make_weights  # noqa: E402
+from helpers import DIMS, FAMILIES, autograd_hessian_trace, make_measurements, make_weights  # noqa: E402
 
 import flatkern as fk  # noqa: E402
 from flatkern.kernels import triton_chain as tc  # noqa: E402
@@ -32,14 +32,7 @@ pytestmark = pytest.mark.triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# depth 1 to 5, prime and non-square widths (the small path pads them to 16)
-SMALL_DIMS = [
-    [5, 3],
-    [5, 7, 3],
-    [2, 7, 11, 3],
-    [3, 5, 2, 7, 4],
-    [4, 3, 5, 2, 3, 7],
-]
+SMALL_DIMS = DIMS  # the small path pads these widths to 16
 # wider than one 16-wide tile so the large path's kernels run several tiles per matrix
 LARGE_DIMS = [
     [37, 20],

@@ -149,3 +149,22 @@ def test_auto_backend_works_and_unknown_or_unavailable_backends_raise():
     if "triton" not in fk.available_backends("cpu"):
         with pytest.raises(RuntimeError, match='backend="triton" is not available'):
             fk.hessian_trace(W32, meas, backend="triton")
+
+
+def test_without_the_extension_auto_falls_back_to_torch_and_says_so_once():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings; sys.modules['flatkern._C'] = None\n"
+        "import torch, flatkern as fk\n"
+        "W = [torch.randn(4, 3), torch.randn(5, 4)]; m = fk.Entries.uniform(6, (5, 3))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = fk.hessian_trace(W, m); b = fk.hessian_trace(W, m)\n"
+        "assert torch.equal(a, fk.hessian_trace(W, m, backend='torch')) and torch.equal(a, b)\n"
+        "assert fk.available_backends() == ['torch'], fk.available_backends()\n"
+        "print(sum('C++ extension flatkern._C is not importable' in str(x.message) for x in w))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"

@@ -41,6 +41,19 @@ if not _flag("FLATKERN_SKIP_CPP_BUILD"):
                 extra_link_args=["-fopenmp"],
             )
         )
-        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+        class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
+            """A failed compile (no compiler, bad toolchain) leaves a plain-torch package, unless forced."""
+
+            def run(self):
+                try:
+                    super().run()
+                except Exception as exc:  # noqa: BLE001 - any build failure
+                    if _flag("FLATKERN_FORCE_CPP_BUILD"):
+                        raise
+                    print(f"flatkern: the C++ extension did not build ({exc}); installing the plain-torch "
+                          "package (set FLATKERN_FORCE_CPP_BUILD=1 to make this an error)", file=sys.stderr)
+
+        cmdclass["build_ext"] = OptionalBuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -100,6 +100,17 @@ def _check_measurements(measurements, weights) -> tuple[int, int]:
     return d_L, d_0
 
 
+def _check_targets(targets, measurements: Measurements, d_L: int, d_0: int) -> None:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    expected = measurements.target_shape(d_L, d_0)
+    if targets.dim() < len(expected) or tuple(targets.shape[targets.dim() - len(expected):]) != expected:
+        raise ValueError(
+            f"targets has shape {tuple(targets.shape)} but {measurements!r} on E of shape ({d_L}, {d_0}) "
+            f"needs (..., {', '.join(map(str, expected))})"
+        )
+
+
 def mse_loss(weights, measurements: Measurements, targets: torch.Tensor, reduction: str = "mean", *, backend: str = "auto") -> torch.Tensor:
     """``nn.MSELoss`` of the measurements of ``E = W_L ⋯ W_1`` against ``targets``.
 
@@ -118,14 +129,7 @@ def mse_loss(weights, measurements: Measurements, targets: torch.Tensor, reducti
     weights = check_weights(weights)
     check_reduction(reduction)
     d_L, d_0 = _check_measurements(measurements, weights)
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
-    expected = measurements.target_shape(d_L, d_0)
-    if tuple(targets.shape[targets.dim() - len(expected):]) != expected or targets.dim() < len(expected):
-        raise ValueError(
-            f"targets has shape {tuple(targets.shape)} but {measurements!r} on E of shape ({d_L}, {d_0}) "
-            f"needs (..., {', '.join(map(str, expected))})"
-        )
+    _check_targets(targets, measurements, d_L, d_0)
     if reduction == "sum" and isinstance(measurements, Isotropic):
         measurements.num_measurements(reduction, d_L)  # raises if n is unknown
     E = end_to_end(weights, backend=backend)

@@ -15,7 +15,10 @@ import torch
 
 from .measurements import Isotropic, Measurements
 
-__all__ = ["end_to_end_ref", "chain_products_ref", "layer_terms_ref", "hessian_trace_ref", "mse_loss_ref"]
+__all__ = [
+    "end_to_end_ref", "chain_products_ref", "layer_terms_ref", "layer_terms_and_end_to_end_ref",
+    "hessian_trace_ref", "mse_loss_ref",
+]
 
 
 def end_to_end_ref(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -42,14 +45,10 @@ def chain_products_ref(weights: list[torch.Tensor]) -> tuple[list, list]:
     return P, Q
 
 
-def layer_terms_ref(weights: list[torch.Tensor], measurements: Measurements) -> torch.Tensor:
-    """Per-layer contractions ``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²``, shape ``(..., L)``.
-
-    The MSE trace of the Hessian is ``2 Σ_j c_j`` (``reduction="mean"``).
-    """
+def _layer_terms_from_chain(weights: list[torch.Tensor], measurements: Measurements, P: list, Q: list) -> torch.Tensor:
+    """``(..., L)`` contractions from chain products already formed (``chain_products_ref``)."""
     d_L, d_0 = weights[-1].shape[-2], weights[0].shape[-1]
     batch = weights[0].shape[:-2]
-    P, Q = chain_products_ref(weights)
     terms = []
     for Pj, Qj in zip(P, Q):
         c = measurements.contract(Pj, Qj, d_L, d_0)
@@ -60,6 +59,25 @@ def layer_terms_ref(weights: list[torch.Tensor], measurements: Measurements) -> 
             c = c + (weights[0] * 0).sum((-2, -1))
         terms.append(c.expand(batch) if c.dim() == 0 else c)
     return torch.stack(terms, dim=-1)
+
+
+def layer_terms_ref(weights: list[torch.Tensor], measurements: Measurements) -> torch.Tensor:
+    """Per-layer contractions ``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²``, shape ``(..., L)``.
+
+    The MSE trace of the Hessian is ``2 Σ_j c_j`` (``reduction="mean"``).
+    """
+    return _layer_terms_from_chain(weights, measurements, *chain_products_ref(weights))
+
+
+def layer_terms_and_end_to_end_ref(weights: list[torch.Tensor], measurements: Measurements):
+    """``(layer_terms_ref(weights, measurements), E)`` with the chain products formed once.
+
+    ``E = W_L Q_L`` (``(..., d_L, d_0)``) costs one product on top of the prefix
+    chain the trace already needs, instead of ``L - 1``.
+    """
+    P, Q = chain_products_ref(weights)
+    E = weights[0] if Q[-1] is None else weights[-1] @ Q[-1]
+    return _layer_terms_from_chain(weights, measurements, P, Q), E
 
 
 def hessian_trace_ref(

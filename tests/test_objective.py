@@ -6,7 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flatkern
 import flatkern.kernels.cpp as cpp
-from flatkern.objective import layer_terms_and_end_to_end_ref, objective
+from flatkern.objective import objective
+from flatkern.reference import layer_terms_and_end_to_end_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:flatkern. using the plain-torch backend")
 

@@ -933,3 +933,11 @@ def end_to_end(weights: list[torch.Tensor]) -> torch.Tensor:
     with ``backend="triton"`` or ``"auto"`` on CUDA works without a fallback warning.
     """
     return end_to_end_ref(weights)
+
+
+def layer_terms_and_end_to_end(weights: list[torch.Tensor], measurements: Measurements):
+    """``(layer_terms(weights, measurements), end_to_end(weights))`` for ``flatkern.objective``.
+
+    Not fused yet: the two run separately, each forming the prefix chain.
+    """
+    return layer_terms(weights, measurements), end_to_end(weights)

@@ -120,6 +120,38 @@ def regularized_jacrev(meas, b):
     return step
 
 
+def bare_gemms(regularized: bool):
+    """The matrix products of one ``L = 4`` step and nothing else: the floor of the ratio.
+
+    Unregularized: ``E = W_4 W_3 W_2 W_1`` (3 products) and its backward (6).  The
+    regularized step of ``objective`` also needs the suffix chain ``P_2 = W_4 W_3``,
+    ``P_1 = P_2 W_2`` (2) and its reverse accumulation (4); the prefix chain's part of
+    the regularizer rides on the loss backward for free (MATH.md cost model).  15
+    products against 9: no implementation that forms these products can take less
+    than 15/9 = 1.67x an unregularized step, whatever its overheads.
+    """
+    def step(ws):
+        W1, W2, W3, W4 = (w.detach() for w in ws)
+        mm = torch.mm
+        Q3 = mm(W2, W1)
+        Q4 = mm(W3, Q3)
+        G = mm(W4, Q4)  # E, standing in for dL/dE (same shape)
+        mm(G, Q4.t())  # dW_4
+        bar_Q4 = mm(W4.t(), G)
+        mm(bar_Q4, Q3.t())  # dW_3
+        bar_Q3 = mm(W3.t(), bar_Q4)
+        mm(bar_Q3, W1.t())  # dW_2
+        mm(W2.t(), bar_Q3)  # dW_1
+        if regularized:
+            P2 = mm(W4, W3)
+            P1 = mm(P2, W2)
+            mm(P2.t(), P1)  # dW_2 from P_1
+            bar_P2 = mm(P1, W2.t())
+            mm(W4.t(), bar_P2)  # dW_3 from P_2
+            mm(bar_P2, W3.t())  # dW_4 from P_2
+    return step
+
+
 def time_providers(providers: dict, weights, rounds: int, min_block_s: float) -> dict:
     """Per-round seconds per step of each provider (each on its own copy of the weights), round-robin."""
     copies = {name: [w.detach().clone().requires_grad_() for w in weights] for name in providers}
@@ -194,6 +226,9 @@ def main():
         }
         if small:
             providers["regularized, torch autograd (jacrev)"] = regularized_jacrev(meas, b)
+        else:
+            providers["bare GEMMs of an unregularized step (9)"] = bare_gemms(False)
+            providers["bare GEMMs of a regularized step (15)"] = bare_gemms(True)
         check_agreement(providers, ws, rtol=1e-3)
         r = rounds if small else max(3, rounds // 3)  # a large step takes a fraction of a second
         samples = time_providers(providers, ws, r, min_block_s=0.05 if small else 0.0)
@@ -210,6 +245,9 @@ def main():
             print(f"| {title} | {name} | {med[name] * 1e6:,.0f} µs | {ratio(name, unreg[0])} | {ratio(name, best)} |")
         print(f"| {title} | FlatnessRegularized over the same step with torch.optim.SGD | | "
               f"{ratio('regularized, FlatnessRegularized', 'unregularized, torch.optim.SGD')} | |")
+        if not small:
+            print(f"| {title} | floor: bare GEMMs regularized / unregularized (15/9 = 1.67) | | "
+                  f"{ratio('bare GEMMs of a regularized step (15)', 'bare GEMMs of an unregularized step (9)')} | |")
         if small:
             for slow in ("regularized, torch autograd (jacrev)", "regularized, torch reference (unshared)"):
                 print(f"| {title} | speed-up of objective over {slow.split(', ')[1]} | | {ratio(slow, 'regularized, objective')} | |")

@@ -6,8 +6,9 @@
 
 1. Correctness: ``backend="triton"`` against the float64 plain-torch reference
    (terms and weight gradients) for the five measurement families, on the
-   small path (one program per problem) and the large path, at sizes up to
-   the large path (d = 2048).
+   small path (one program per problem; widths up to 32, and batched d = 64 and
+   d = 128, its K-chunked products) and the large path (the Triton GEMM with
+   the norms in its epilogue), at sizes up to d = 2048.
 2. Speed, forward + backward of the trace, same inputs, one run:
    triton; the plain-torch reference eager; the reference under
    ``torch.compile`` (modes ``max-autotune-no-cudagraphs`` and
@@ -15,7 +16,8 @@
    and the floor: the ``6 (L - 2)`` bare ``torch.mm``/``torch.bmm`` the
    method must do (forward ``2 (L-2)``, backward ``4 (L-2)``), same precision.
    Regimes of the issue: ``B=1024, d=32, L=4``; one problem ``d=30, L=3``;
-   one problem ``d=8192, L=4`` with ``Isotropic`` and ``Entries`` (10^7 entries).
+   one problem ``d=8192, L=4`` with ``Isotropic`` and ``Entries`` (10^7 entries);
+   then the wide small path, ``B=256, d=64`` and ``B=128, d=128``, ``L=4``.
 3. Writes ``gpu_check.md`` and ``gpu_check.json`` to ``--out`` and prints the
    table last.  A time guard (``--budget`` seconds, default 420) skips what
    would not fit and still writes the table.
@@ -151,23 +153,27 @@ def check_case(label, family, dims, batch, path, block, n, dtype=torch.float32, 
 
 
 def correctness():
-    # Each (depth, family) of the small path is a kernel compiled on first use (seconds each for
-    # fp32 without tf32): every family at depth 4 (the speed regimes reuse them), depth 3 and 1 for
-    # Isotropic.  The large path's kernels do not depend on the family or the depth.
+    # Each (padded width D, family) of the small path is a kernel pair compiled on first use, whatever
+    # the depth: 5-15 s for fp32 without tf32 at D = 64, up to 50 s (Dense backward) at D = 128, so
+    # the wide cases take a few families each.  The large path's kernels do not depend on the family
+    # or the depth.
     if ARGS.tiny:
-        small = [([5, 7, 3, 6, 4], (2,), FAMILIES), ([7, 8, 5, 6], (), ["isotropic"]), ([5, 3], (), ["isotropic"])]
+        small = [([5, 7, 3, 6, 4], (2,), FAMILIES), ([7, 8, 5, 6], (), ["isotropic"]), ([5, 3], (), ["isotropic"]),
+                 ([37, 40, 33, 38], (2,), ["isotropic", "dense"])]
         large = [([37, 20, 45, 18], (2,))]
         block = 16
         big = []
     else:
         small = [([30, 32, 31, 29, 28], (8,), FAMILIES), ([17, 32, 9, 31], (4,), ["isotropic"]),
-                 ([5, 3], (), ["isotropic"])]
+                 ([5, 3], (), ["isotropic"]),
+                 ([64, 64, 64, 64, 64], (64,), ["isotropic", "rankone", "dense"]),
+                 ([100, 128, 97, 120, 128], (32,), ["isotropic", "entries", "inputs"])]
         large = [([300, 257, 310, 290], (2,)), ([17, 128, 100, 64], (4,))]
         block = None
         big = [([2048, 2048, 2048, 2048], ())]
     for dims, batch, families in small:
         for fam in families:
-            check_case(f"small L={len(dims) - 1}", fam, dims, batch, "small", block, N_MEAS[fam])
+            check_case(f"small L={len(dims) - 1} d<={max(dims)}", fam, dims, batch, "small", block, N_MEAS[fam])
     for dims, batch in large:
         for fam in FAMILIES:
             check_case(f"large L={len(dims) - 1}", fam, dims, batch, "large", block, N_MEAS[fam])
@@ -204,6 +210,8 @@ def regimes():
                  reps=1, warmup=1, compile=False),
             dict(name="large d=40 L=4", batch=(), dims=[40] * 5, family="entries", n=300, path="large",
                  reps=1, warmup=1, compile=False),
+            dict(name="batched B=2 d=40 L=3", batch=(2,), dims=[37, 40, 33, 38], family="isotropic", n=1,
+                 path="small", reps=1, warmup=1, compile=False),
         ]
     return [
         dict(name="batched B=1024 d=32 L=4", batch=(1024,), dims=[32] * 5, family="isotropic", n=1, path="auto",
@@ -216,6 +224,11 @@ def regimes():
              reps=3, warmup=1, compile=False),
         dict(name="batched B=1024 d=32 L=4", batch=(1024,), dims=[32] * 5, family="entries", n=200, path="auto",
              reps=50, warmup=5, compile=True),
+        # the wide small path (kernels compiled by the correctness step); no torch.compile, for time
+        dict(name="batched B=256 d=64 L=4", batch=(256,), dims=[64] * 5, family="isotropic", n=1, path="auto",
+             reps=20, warmup=3, compile=False),
+        dict(name="batched B=128 d=128 L=4", batch=(128,), dims=[128] * 5, family="isotropic", n=1, path="auto",
+             reps=20, warmup=3, compile=False),
     ]
 
 

@@ -57,10 +57,10 @@ def objective(
     ops._check_targets(targets, measurements, d_L, d_0)
     # trace = scale · Σ_j c_j: "mean" 2, "sum" 2n (raises early if n is unknown)
     scale = 2.0 * (measurements.num_measurements(reduction, d_L) if reduction == "sum" else 1)
-    terms, E = ops._resolve(backend, "layer_terms_and_end_to_end", weights[0].device)(weights, measurements)
-    total = terms.sum(-1)
+    # the backend applies the scale and the sum over layers (the C++ kernel inside its one op)
+    fused = ops._resolve(backend, "layer_terms_and_end_to_end", weights[0].device)
+    trace, E = fused(weights, measurements, scale=scale, sum_layers=True)
     data = reference.mse_loss_ref(E, measurements, targets.to(E.dtype), reduction)
-    # the scale folded into one add: small problems are dispatch-bound, and backward
-    # never visits the (separate) op that forms the returned trace
-    loss = data + (lam * scale) * total if isinstance(lam, torch.Tensor) else torch.add(data, total, alpha=lam * scale)
-    return loss, total * scale
+    # one add: small problems are dispatch-bound
+    loss = data + lam * trace if isinstance(lam, torch.Tensor) else torch.add(data, trace, alpha=lam)
+    return loss, trace

@@ -28,6 +28,9 @@ _AUTO_BY_DEVICE = {"cpu": "cpp", "cuda": "triton"}
 # a compiled kernel only adds dispatch overhead, so "auto" keeps them in torch
 _AUTO_TORCH_OPS = {"end_to_end"}
 _warned_fallback: set[str] = set()
+# (backend, op, device) -> the module whose ``op`` serves it: resolving costs
+# more than a small problem's kernel, and the answer never changes in a process
+_resolved: dict = {}
 
 
 def _kernel_module(backend: str):
@@ -50,22 +53,31 @@ def _unavailable(backend: str, op: str, device: torch.device) -> str | None:
 
 def _resolve(backend: str, op: str, device: torch.device):
     """The function implementing ``op`` for ``backend`` on ``device``."""
+    module = _resolved.get((backend, op, device)) if isinstance(backend, str) else None
+    if module is None:
+        module = _resolve_module(backend, op, device)
+        _resolved[(backend, op, device)] = module
+    # looked up per call, so that a patched or reloaded module takes effect
+    return getattr(module, f"{op}_ref" if module is reference else op)
+
+
+def _resolve_module(backend: str, op: str, device: torch.device):
     check_backend(backend)
     if backend == "torch" or (backend == "auto" and op in _AUTO_TORCH_OPS):
-        return getattr(reference, f"{op}_ref")
+        return reference
     if backend == "auto":
         preferred = _AUTO_BY_DEVICE.get(device.type)
         reason = _unavailable(preferred, op, device) if preferred else f"no compiled backend for {device.type}"
         if reason is None:
-            return getattr(_kernel_module(preferred)[0], op)
+            return _kernel_module(preferred)[0]
         if preferred is not None and preferred not in _warned_fallback:
             _warned_fallback.add(preferred)
-            warnings.warn(f"flatkern: using the plain-torch backend on {device.type}: {reason}", RuntimeWarning, stacklevel=3)
-        return getattr(reference, f"{op}_ref")
+            warnings.warn(f"flatkern: using the plain-torch backend on {device.type}: {reason}", RuntimeWarning, stacklevel=4)
+        return reference
     reason = _unavailable(backend, op, device)
     if reason is not None:
         raise RuntimeError(f'flatkern: backend="{backend}" is not available for {op}: {reason}')
-    return getattr(_kernel_module(backend)[0], op)
+    return _kernel_module(backend)[0]
 
 
 def available_backends(device: str | torch.device = "cpu", op: str = "layer_terms") -> list[str]:
@@ -160,6 +172,6 @@ def hessian_trace(weights, measurements: Measurements, *, reduction: str = "mean
     check_reduction(reduction)
     d_L, _ = _check_measurements(measurements, weights)
     scale = 2.0 if reduction == "mean" else 2.0 * measurements.num_measurements(reduction, d_L)
-    terms = _resolve(backend, "layer_terms", weights[0].device)(weights, measurements)
-    terms = terms * scale
-    return terms if per_layer else terms.sum(-1)
+    # the backend applies the scale and the sum: the C++ kernel folds both into its one op
+    layer_terms = _resolve(backend, "layer_terms", weights[0].device)
+    return layer_terms(weights, measurements, scale=scale, sum_layers=not per_layer)

@@ -61,23 +61,32 @@ def _layer_terms_from_chain(weights: list[torch.Tensor], measurements: Measureme
     return torch.stack(terms, dim=-1)
 
 
-def layer_terms_ref(weights: list[torch.Tensor], measurements: Measurements) -> torch.Tensor:
-    """Per-layer contractions ``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²``, shape ``(..., L)``.
+def layer_terms_ref(weights: list[torch.Tensor], measurements: Measurements, *, scale: float = 1.0,
+                    sum_layers: bool = False) -> torch.Tensor:
+    """Per-layer contractions ``scale · c_j``, ``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²``, shape ``(..., L)``.
 
-    The MSE trace of the Hessian is ``2 Σ_j c_j`` (``reduction="mean"``).
+    The MSE trace of the Hessian is ``2 Σ_j c_j`` (``reduction="mean"``);
+    ``sum_layers`` returns ``scale · Σ_j c_j``, shape ``(...)``.
     """
-    return _layer_terms_from_chain(weights, measurements, *chain_products_ref(weights))
+    terms = _layer_terms_from_chain(weights, measurements, *chain_products_ref(weights))
+    if scale != 1.0:
+        terms = terms * scale
+    return terms.sum(-1) if sum_layers else terms
 
 
-def layer_terms_and_end_to_end_ref(weights: list[torch.Tensor], measurements: Measurements):
-    """``(layer_terms_ref(weights, measurements), E)`` with the chain products formed once.
+def layer_terms_and_end_to_end_ref(weights: list[torch.Tensor], measurements: Measurements, *, scale: float = 1.0,
+                                   sum_layers: bool = False):
+    """``(layer_terms_ref(weights, measurements, ...), E)`` with the chain products formed once.
 
     ``E = W_L Q_L`` (``(..., d_L, d_0)``) costs one product on top of the prefix
     chain the trace already needs, instead of ``L - 1``.
     """
     P, Q = chain_products_ref(weights)
     E = weights[0] if Q[-1] is None else weights[-1] @ Q[-1]
-    return _layer_terms_from_chain(weights, measurements, P, Q), E
+    terms = _layer_terms_from_chain(weights, measurements, P, Q)
+    if scale != 1.0:
+        terms = terms * scale
+    return (terms.sum(-1) if sum_layers else terms), E
 
 
 def hessian_trace_ref(
@@ -90,10 +99,8 @@ def hessian_trace_ref(
 
     ``reduction="sum"`` multiplies by ``n``.
     """
-    terms = 2.0 * layer_terms_ref(weights, measurements)
-    if reduction == "sum":
-        terms = terms * measurements.num_measurements(reduction, weights[-1].shape[-2])
-    return terms if per_layer else terms.sum(-1)
+    scale = 2.0 * (measurements.num_measurements(reduction, weights[-1].shape[-2]) if reduction == "sum" else 1)
+    return layer_terms_ref(weights, measurements, scale=scale, sum_layers=not per_layer)
 
 
 def mse_loss_ref(E: torch.Tensor, measurements: Measurements, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

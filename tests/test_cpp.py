@@ -96,14 +96,14 @@ def test_hessian_trace_backend_cpp_matches_autograd_hessian(kind, reduction):
 
 def test_auto_backend_on_cpu_runs_the_cpp_kernel(monkeypatch):
     calls = []
-    real = torch.ops.flatkern.hessian_layer_terms
+    real = cpp._hessian_layer_terms
 
     class Spy:
         def __call__(self, *args):
             calls.append(args[1])
             return real(*args)
 
-    monkeypatch.setattr(torch.ops.flatkern, "hessian_layer_terms", Spy())
+    monkeypatch.setattr(cpp, "_hessian_layer_terms", Spy())
     fk.hessian_trace(make_weights([3, 4, 2]), fk.Isotropic(), backend="auto")
     assert calls == [cpp._ISOTROPIC]
 
@@ -185,6 +185,24 @@ def test_torch_compile_traces_the_op_without_graph_breaks():
     expected = torch.autograd.grad(layer_terms_ref(W, meas).sum(), W)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dims", [[16, 32, 17, 48, 8], [33, 64, 40], [128, 30, 128, 96]], ids=str)
+@pytest.mark.parametrize("kind", ["isotropic", "entries", "rankone", "inputs"])
+def test_float32_in_cache_kernel_matches_reference_across_tile_edges(kind, dims):
+    # the float32 in-cache product reads op(B) in place when its width is a multiple of
+    # 16, transposes 8 x 8 blocks when it is transposed, and pads the rest: widths
+    # on and off those edges, up to the in-cache limit of 128
+    # against the float64 reference, to float32 rounding relative to each tensor's
+    # largest entry (sums of 128 products: entry-wise relative error is not defined
+    # for the entries that cancel to near zero)
+    W = make_weights(dims, batch=(2,))
+    meas = measurements_for(kind, dims[-1], dims[0], torch.float64)
+    (ref, ref_grads), _ = reference_and_cpp(W, meas)
+    _, (got, got_grads) = reference_and_cpp([w.float() for w in W], meas.to(torch.float32))
+    for r, c in zip((ref, *ref_grads), (got, *got_grads)):
+        assert c.dtype == torch.float32
+        torch.testing.assert_close(c.double(), r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
 
 
 def test_seeded_sweep_over_shapes_families_and_batches_matches_reference():

@@ -76,7 +76,7 @@ def test_cpp_fused_path_equals_mse_loss_plus_lam_hessian_trace(family, dims, bat
 def test_auto_uses_the_cpp_fused_kernel_once_on_cpu(monkeypatch):
     calls = []
     fused = cpp.layer_terms_and_end_to_end
-    monkeypatch.setattr(cpp, "layer_terms_and_end_to_end", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(cpp, "layer_terms_and_end_to_end", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     ws, meas, targets = _case([5, 7, 4], "entries")
     objective(ws, meas, targets, lam=0.1)
     assert len(calls) == 1

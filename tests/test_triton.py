@@ -33,6 +33,8 @@ pytestmark = pytest.mark.triton
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 SMALL_DIMS = DIMS  # the small path pads these widths to 16
+# wider than 32 and no power of two: padded to 64, products over several K-chunks of the kernels
+WIDE_SMALL_DIMS = [37, 40, 33, 38]
 # wider than one 16-wide tile so the large path's kernels run several tiles per matrix
 LARGE_DIMS = [
     [37, 20],
@@ -81,11 +83,46 @@ def test_small_path_terms_and_gradients_match_reference(family, dims):
     _assert_matches_reference(W, meas, path="small")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_small_path_beyond_width_32_matches_reference(family):
+    W, meas, _ = _problem(family, WIDE_SMALL_DIMS, batch=(2,))
+    assert tc._plan(W, tc._PATHS["auto"]) == "small"
+    _assert_matches_reference(W, meas, path="auto")
+
+
+def test_auto_takes_the_small_path_up_to_its_width_and_depth():
+    def plan(dims):
+        return tc._plan([torch.empty(dims[j + 1], dims[j], device=DEVICE) for j in range(len(dims) - 1)], 0)
+
+    assert tc.SMALL_MAX_WIDTH == 128
+    assert plan([128, 5, 128]) == "small" and plan([3] * (tc.MAX_SMALL_DEPTH + 1)) == "small"
+    assert plan([129, 5, 3]) == "large" and plan([3] * (tc.MAX_SMALL_DEPTH + 2)) == "large"
+
+
 @pytest.mark.parametrize("dims", LARGE_DIMS, ids=lambda d: f"L{len(d) - 1}")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_large_path_terms_and_gradients_match_reference_over_several_tiles(family, dims):
     W, meas, _ = _problem(family, dims, batch=(2,))
     _assert_matches_reference(W, meas, path="large", block=16)
+
+
+@pytest.mark.parametrize("rows,cols,store", [(True, True, True), (True, False, False), (False, True, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_gemm_epilogue_norms_match_torch(rows, cols, store, dtype):
+    # several 16-tiles in M, N and K, a shared (2-D) left factor and a transposed right one
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 45, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    b = torch.randn(3, 50, 45, generator=g, dtype=torch.float64).to(DEVICE, dtype).transpose(-1, -2)
+    c, r, s = tc._TritonReductions(16).mm(a, b, rows=rows, cols=cols, store=store)
+    expected = a.double() @ b.double()
+    atol, rtol = TOL[dtype]
+    for got, want, asked in ((c, expected, store), (r, expected.square().sum(-1), rows),
+                             (s, expected.square().sum(-2), cols)):
+        if asked:
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+        else:
+            assert got is None
 
 
 @pytest.mark.parametrize("path", ["small", "large"])
@@ -218,41 +255,43 @@ def test_bad_path_and_block_are_rejected_with_their_values():
         tc.layer_terms(W, meas, path="tiny")
     with pytest.raises(ValueError, match="block must be a power of two >= 16, got 24"):
         tc.layer_terms(W, meas, block=24)
-    wide, meas, _ = _problem("isotropic", [3, 33])
-    with pytest.raises(ValueError, match=r"path=\"small\" needs every width <= 32.*\[3, 33\]"):
+    wide, meas, _ = _problem("isotropic", [3, 129])
+    with pytest.raises(ValueError, match=r"path=\"small\" needs every width <= 128.*\[3, 129\]"):
         tc.layer_terms(wide, meas, path="small")
 
 
 _SM90_COMPILE = r"""
-import sys
+import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from flatkern.kernels import triton_chain as tc
 
 
-def compile_h200(fn, types, constexprs, num_warps=4):
-    src = ASTSource(fn=fn, signature={**types, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+def compile_h200(fn, constexprs, num_warps=4, types=None):
+    # every pointer fp32, every other run-time argument an integer (i64: strides and offsets)
+    types = types or {}
+    sig = {k: types.get(k, "*fp32" if k[0].isupper() else "i64") for k in inspect.signature(fn.fn).parameters
+           if k not in constexprs}
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["cubin"]
 
 
-dims = {f"d{i}": "i32" for i in range(13)}
-common = {"W": "*fp32", "s_wb": "i64", "P_ws": "*fp32", "Q_ws": "*fp32"}
-data = {"n": "i32", "X1": "*fp32", "X2": "*fp32", **dims}
-# the smallest tile and depth 2 keep the unrolled fp32 dots (and the compile time) small;
-# every construct of the kernels is still lowered
-D = 16
-for family in range(5):
-    consts = dict(L=2, D=D, FAMILY=family, BN=16, PREC="ieee")
-    for kernel, extra in ((tc._chain_small_fwd_kernel, {"OUT": "*fp32"}),
-                          (tc._chain_small_bwd_kernel, {"GRAD": "*fp32", "DW": "*fp32", "QBAR_ws": "*fp32"})):
-        assert compile_h200(kernel, {**common, **extra, **data}, consts, tc._num_warps(D)).asm["cubin"]
-strides = {k: "i64" for k in ("s_xb", "s_xm", "s_xn")}
+ints = {k: "i32" for k in tc._RUNTIME_INTS}
+# every family at the smallest tile; the widest (D = 128, the K-chunked products) for Isotropic
+for D, families in ((16, range(5)), (128, [0])):
+    for family in families:
+        consts = dict(D=D, FAMILY=family, BN=16, BK=tc.SMALL_BK, PREC="ieee")
+        for kernel in (tc._chain_small_fwd_kernel, tc._chain_small_bwd_kernel):
+            compile_h200(kernel, consts, tc._num_warps(D), ints)
+cfg = tc._gemm_config(None, tc.torch.float32)
+warps = cfg.pop("num_warps")
+cfg.pop("num_stages")
+compile_h200(tc._mm_norms_kernel, dict(cfg, STORE_C=True, ROWS=True, COLS=True, PREC="ieee"), warps,
+             {k: "i32" for k in ("M", "N", "K")})
 blocks = dict(BLOCK_M=64, BLOCK_N=64)
-assert compile_h200(tc._rowsq_kernel, {"X": "*fp32", "OUT": "*fp32", "M": "i32", "N": "i32", **strides}, blocks).asm["cubin"]
-weights = {k: "i64" for k in ("s_rb", "s_rm", "s_cb", "s_cn")}
-assert compile_h200(tc._scale_kernel, {"X": "*fp32", "WR": "*fp32", "WC": "*fp32", "OUT": "*fp32", "M": "i32",
-                                       "N": "i32", **strides, **weights}, blocks).asm["cubin"]
+compile_h200(tc._rowsq_kernel, blocks, types={"M": "i32", "N": "i32"})
+compile_h200(tc._scale_kernel, blocks, types={"M": "i32", "N": "i32"})
 print("compiled for sm_90")
 """
 

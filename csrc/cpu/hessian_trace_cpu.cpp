@@ -29,6 +29,7 @@
 //   5 Inputs      c_j = ‖P_j‖_F² ‖Q_j xᵀ‖_F² / (N d_L)                  a = x (N, d_0)
 // with the Grams G_P = P_j P_jᵀ and G_Q = Q_jᵀ Q_j.
 #include <ATen/ATen.h>
+#include <immintrin.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -36,8 +37,10 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 // Fortran BLAS exported by libtorch_cpu (MKL or OpenBLAS, LP64): calling it
@@ -147,6 +150,114 @@ void mm_small_generic(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha
 }
 #undef FLATKERN_SMALL_MM_BODY
 
+// Bp[k * ldb + j] = B[j * K + k] for B row-major (N x K): 8 x 8 blocks go
+// through registers (eight loads, an in-register transpose, eight stores)
+// instead of N K scalar loads at stride K, the cost of a transposed operand.
+__attribute__((target("avx2,fma"))) void pack_transposed_f32_avx2(const float* B, int64_t N, int64_t K, float* Bp,
+                                                                  int64_t ldb) {
+  const int64_t N8 = N / 8 * 8, K8 = K / 8 * 8;
+  for (int64_t j0 = 0; j0 < N8; j0 += 8) {
+    for (int64_t k0 = 0; k0 < K8; k0 += 8) {
+      __m256 r[8];
+      for (int64_t t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(B + (j0 + t) * K + k0);
+      // 8 x 8 transpose: unpack pairs, then 4-lane shuffles, then 128-bit lane swaps
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      _mm256_storeu_ps(Bp + (k0 + 0) * ldb + j0, _mm256_permute2f128_ps(s0, s4, 0x20));
+      _mm256_storeu_ps(Bp + (k0 + 1) * ldb + j0, _mm256_permute2f128_ps(s1, s5, 0x20));
+      _mm256_storeu_ps(Bp + (k0 + 2) * ldb + j0, _mm256_permute2f128_ps(s2, s6, 0x20));
+      _mm256_storeu_ps(Bp + (k0 + 3) * ldb + j0, _mm256_permute2f128_ps(s3, s7, 0x20));
+      _mm256_storeu_ps(Bp + (k0 + 4) * ldb + j0, _mm256_permute2f128_ps(s0, s4, 0x31));
+      _mm256_storeu_ps(Bp + (k0 + 5) * ldb + j0, _mm256_permute2f128_ps(s1, s5, 0x31));
+      _mm256_storeu_ps(Bp + (k0 + 6) * ldb + j0, _mm256_permute2f128_ps(s2, s6, 0x31));
+      _mm256_storeu_ps(Bp + (k0 + 7) * ldb + j0, _mm256_permute2f128_ps(s3, s7, 0x31));
+    }
+    for (int64_t k = K8; k < K; ++k)
+      for (int64_t j = j0; j < j0 + 8; ++j) Bp[k * ldb + j] = B[j * K + k];
+  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = N8; j < N; ++j) Bp[k * ldb + j] = B[j * K + k];
+}
+
+// C (M x N) = alpha op(A) op(B) + beta C in float32 with AVX2/FMA intrinsics,
+// every dimension <= kSmall. A 6 x 16 register tile (12 accumulators, two B
+// vectors and one broadcast: 15 of the 16 ymm registers) over the whole k
+// loop. op(B) is read in place when it is row-major with N a multiple of 16
+// (widths 32, 64, 128); otherwise it is first copied, zero-padded, into Bp.
+// Rows past M read row M - 1 again and are not stored.
+__attribute__((target("avx2,fma"))) void mm_small_f32_avx2(bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+                                                            float alpha, const float* A, const float* B, float beta,
+                                                            float* C) {
+  constexpr int64_t MR = 6, NR = 16;
+  alignas(64) float Bp[kSmall * (kSmall + NR)];
+  const float* Bu = B;
+  int64_t ldb = N;
+  if (tb || N % NR != 0) {
+    ldb = (N + NR - 1) / NR * NR;
+    if (tb) pack_transposed_f32_avx2(B, N, K, Bp, ldb);
+    else for (int64_t k = 0; k < K; ++k) std::memcpy(Bp + k * ldb, B + k * N, sizeof(float) * N);
+    for (int64_t k = 0; k < K; ++k) std::fill(Bp + k * ldb + N, Bp + (k + 1) * ldb, 0.f);
+    Bu = Bp;
+  }
+  // element (i, k) of op(A) is A[i * sa + k * sk]
+  const int64_t sa = ta ? 1 : K, sk = ta ? M : 1;
+  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+  alignas(32) float out[MR][NR];
+  for (int64_t i0 = 0; i0 < M; i0 += MR) {
+    const float* a0 = A + std::min<int64_t>(i0 + 0, M - 1) * sa;
+    const float* a1 = A + std::min<int64_t>(i0 + 1, M - 1) * sa;
+    const float* a2 = A + std::min<int64_t>(i0 + 2, M - 1) * sa;
+    const float* a3 = A + std::min<int64_t>(i0 + 3, M - 1) * sa;
+    const float* a4 = A + std::min<int64_t>(i0 + 4, M - 1) * sa;
+    const float* a5 = A + std::min<int64_t>(i0 + 5, M - 1) * sa;
+    const int64_t rows = std::min<int64_t>(MR, M - i0);
+    for (int64_t j0 = 0; j0 < ldb; j0 += NR) {
+      __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+      __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+      const float* b = Bu + j0;
+      for (int64_t k = 0, ka = 0; k < K; ++k, ka += sk, b += ldb) {
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        __m256 x = _mm256_broadcast_ss(a0 + ka);
+        c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+        x = _mm256_broadcast_ss(a1 + ka);
+        c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+        x = _mm256_broadcast_ss(a2 + ka);
+        c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+        x = _mm256_broadcast_ss(a3 + ka);
+        c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+        x = _mm256_broadcast_ss(a4 + ka);
+        c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+        x = _mm256_broadcast_ss(a5 + ka);
+        c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+      }
+      const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+      const int64_t cols = std::min<int64_t>(NR, N - j0);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* crow = C + (i0 + r) * N + j0;
+        if (cols == NR) {  // a full tile row: two vector stores
+          for (int64_t h = 0; h < 2; ++h) {
+            __m256 v = _mm256_mul_ps(va, acc[r][h]);
+            // beta == 0: C may be uninitialized, never read it
+            if (beta != 0.f) v = _mm256_fmadd_ps(vb, _mm256_loadu_ps(crow + 8 * h), v);
+            _mm256_storeu_ps(crow + 8 * h, v);
+          }
+        } else {
+          _mm256_store_ps(out[r], acc[r][0]);
+          _mm256_store_ps(out[r] + 8, acc[r][1]);
+          for (int64_t jj = 0; jj < cols; ++jj)
+            crow[jj] = beta == 0.f ? alpha * out[r][jj] : alpha * out[r][jj] + beta * crow[jj];
+        }
+      }
+    }
+  }
+}
+
 inline bool cpu_has_avx2_fma() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
@@ -158,8 +269,9 @@ inline bool cpu_has_avx2_fma() {
 template <typename T>
 void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta, T* C) {
   if (M <= kSmall && N <= kSmall && K <= kSmall) {
-    if (cpu_has_avx2_fma()) mm_small_avx2(ta, tb, M, N, K, alpha, A, B, beta, C);
-    else mm_small_generic(ta, tb, M, N, K, alpha, A, B, beta, C);
+    if (!cpu_has_avx2_fma()) mm_small_generic(ta, tb, M, N, K, alpha, A, B, beta, C);
+    else if constexpr (std::is_same_v<T, float>) mm_small_f32_avx2(ta, tb, M, N, K, alpha, A, B, beta, C);
+    else mm_small_avx2(ta, tb, M, N, K, alpha, A, B, beta, C);
     return;
   }
   const int64_t lda = ta ? M : K, ldb = tb ? K : N;
@@ -167,23 +279,55 @@ void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, 
             static_cast<int>(ldb), A, static_cast<int>(lda), beta, C, static_cast<int>(N));
 }
 
-// simd reductions (OpenMP, no -ffast-math): a plain sum is one dependency chain
+// Elementwise passes. A large problem's d x d products have ~10^6 entries, and a
+// pass on one thread while BLAS uses all of them is what made the d = 1024 chain
+// slower than eager torch (whose elementwise ops are parallel): above kElementGrain
+// entries they are split over the threads like ATen's. Inside the batch's
+// parallel_for (small problems) at::parallel_for and at::parallel_reduce run inline.
+constexpr int64_t kElementGrain = int64_t{1} << 15;
+
+// simd reductions (OpenMP, no -ffast-math): a plain sum is one dependency chain;
+// double accumulation: a float32 sum over d^2 ~ 10^6 squares otherwise loses
+// ~1e-4 relative accuracy against the reference's pairwise summation
 template <typename T>
-T sumsq(const T* x, int64_t size) {
-  // double accumulation: a float32 sum over d^2 ~ 10^6 squares otherwise loses
-  // ~1e-4 relative accuracy against the reference's pairwise summation
-  double s = 0;
+double dot_serial(const T* x, const T* y, int64_t size) {
+  double s = 0;  // a local accumulator: the simd reduction vectorizes
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < size; ++i) s += double(x[i]) * double(x[i]);
-  return T(s);
+  for (int64_t i = 0; i < size; ++i) s += double(x[i]) * double(y[i]);
+  return s;
 }
 
 template <typename T>
 T dot(const T* x, const T* y, int64_t size) {
-  double s = 0;  // double accumulation, as in sumsq
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < size; ++i) s += double(x[i]) * double(y[i]);
-  return T(s);
+  if (size < kElementGrain) return T(dot_serial(x, y, size));
+  return T(at::parallel_reduce(
+      0, size, kElementGrain, 0.0,
+      [&](int64_t begin, int64_t end, double s) { return s + dot_serial(x + begin, y + begin, end - begin); },
+      std::plus<double>()));
+}
+
+template <typename T>
+T sumsq(const T* x, int64_t size) {
+  return dot(x, x, size);
+}
+
+// out = s x, and out += x, over `size` entries
+template <typename T>
+void scale_into(T* out, T s, const T* x, int64_t size) {
+  auto pass = [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = s * x[i];
+  };
+  if (size < kElementGrain) pass(0, size);
+  else at::parallel_for(0, size, kElementGrain, pass);
+}
+
+template <typename T>
+void add_into(T* out, const T* x, int64_t size) {
+  auto pass = [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] += x[i];
+  };
+  if (size < kElementGrain) pass(0, size);
+  else at::parallel_for(0, size, kElementGrain, pass);
 }
 
 // Layout of one problem's saved buffer, shared by forward and backward (and
@@ -252,7 +396,7 @@ const at::Tensor& require(const std::optional<at::Tensor>& t, const char* name, 
 template <typename T>
 Meas<T> check_and_bind(at::TensorList weights, int64_t family, const std::optional<at::Tensor>& a,
                        const std::optional<at::Tensor>& b, at::Tensor& S_out) {
-  check_chain_cpu(weights);
+  // the callers have run check_chain_cpu (before dispatching on the dtype)
   for (size_t j = 0; j < weights.size(); ++j) {
     TORCH_CHECK(weights[j].is_contiguous(), "flatkern: weights[", j, "] must be contiguous (shape ",
                 weights[j].sizes(), ", strides ", weights[j].strides(), ")");
@@ -346,7 +490,11 @@ Meas<T> check_and_bind(at::TensorList weights, int64_t family, const std::option
 // (inside at::parallel_for, MKL is sequential anyway).
 class SequentialBlasIfSmall {
  public:
-  explicit SequentialBlasIfSmall(int64_t dmax) : active_(dmax <= kSmall && &MKL_Set_Num_Threads_Local != nullptr) {
+  // blas: whether the family's products can reach BLAS at all (with every width
+  // <= kSmall only RankOne with n > kSmall and Dense do); if not, the two MKL
+  // calls are skipped, they cost as much as a d = 30 chain step
+  SequentialBlasIfSmall(int64_t dmax, bool blas)
+      : active_(blas && dmax <= kSmall && &MKL_Set_Num_Threads_Local != nullptr) {
     if (active_) previous_ = MKL_Set_Num_Threads_Local(1);
   }
   ~SequentialBlasIfSmall() {
@@ -357,6 +505,11 @@ class SequentialBlasIfSmall {
   bool active_;
   int previous_ = 0;
 };
+
+template <typename T>
+bool may_call_blas(const Meas<T>& m) {
+  return m.family == kDense || m.family == kDenseKernel || (m.family == kRankOne && m.n > kSmall);
+}
 
 // Problems per thread: small problems are grouped so that a thread gets at
 // least ~64k multiply-adds; a large problem runs alone (BLAS threads it).
@@ -465,15 +618,15 @@ int64_t forward_work_size(const Meas<T>& m, const Layout& lay) {
 }
 
 template <typename T>
-void forward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, int64_t B, T* terms, T* E,
-                  T* saved) {
+void forward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, int64_t B, T scale, bool sum_layers,
+                  T* terms, T* E, T* saved) {
   const int64_t L = lay.L, dL = lay.d[L], d0 = lay.d[0];
   const int64_t wsize = forward_work_size(m, lay);
   std::vector<const T*> W0(L + 1);
   std::vector<int64_t> wstride(L + 1);
   for (int64_t j = 1; j <= L; ++j) W0[j] = weights[j - 1].data_ptr<T>(), wstride[j] = lay.d[j] * lay.d[j - 1];
 
-  SequentialBlasIfSmall sequential(lay.dmax());
+  SequentialBlasIfSmall sequential(lay.dmax(), may_call_blas(m));
   at::parallel_for(0, B, grain_size(lay), [&](int64_t begin, int64_t end) {
     std::unique_ptr<T[]> work(new T[wsize]);
     std::vector<const T*> W(L + 1), Q(L + 1), P(L + 1);
@@ -501,10 +654,14 @@ void forward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, i
         if (L == 1) std::memcpy(e, W[1], sizeof(T) * dL * d0);
         else mm<T>(false, false, dL, d0, lay.d[L - 1], 1, W[L], Q[L], 0, e);
       }
+      T total = 0;
       for (int64_t j = 1; j <= L; ++j) {
         T* st = sv + lay.stat_off + (j - 1) * lay.stat_size;
-        terms[p * L + j - 1] = family_forward(m, lay, j, P[j], Q[j], st, work.get());
+        const T c = scale * family_forward(m, lay, j, P[j], Q[j], st, work.get());
+        if (sum_layers) total += c;
+        else terms[p * L + j - 1] = c;
       }
+      if (sum_layers) terms[p] = total;
     }
   });
 }
@@ -518,7 +675,7 @@ void family_grad_P(const Meas<T>& m, const Layout& lay, int64_t j, T g, const T*
   switch (m.family) {
     case kIsotropic: case kInputs: {
       const T s = 2 * g * st[1];
-      for (int64_t i = 0; i < dL * dj; ++i) out[i] = s * P[i];
+      scale_into(out, s, P, dL * dj);
       return;
     }
     case kEntries: {
@@ -561,7 +718,7 @@ void family_grad_Q(const Meas<T>& m, const Layout& lay, int64_t j, T g, const T*
   switch (m.family) {
     case kIsotropic: {
       const T s = 2 * g * st[0];
-      for (int64_t i = 0; i < dj1 * d0; ++i) out[i] = s * Q[i];
+      scale_into(out, s, Q, dj1 * d0);
       return;
     }
     case kEntries: {
@@ -625,7 +782,7 @@ int64_t backward_work_size(const Meas<T>& m, const Layout& lay) {
 
 template <typename T>
 void backward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, int64_t B, const T* saved,
-                   const T* grad_terms, const T* grad_E, std::vector<T*>& grads0) {
+                   const T* grad_terms, T scale, bool sum_layers, const T* grad_E, std::vector<T*>& grads0) {
   const int64_t L = lay.L, dL = lay.d[L], d0 = lay.d[0];
   int64_t qmax = 1, pmax = 1;
   for (int64_t j = 2; j <= L; ++j) qmax = std::max(qmax, lay.d[j - 1] * d0);
@@ -635,24 +792,27 @@ void backward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, 
   std::vector<int64_t> wstride(L + 1);
   for (int64_t j = 1; j <= L; ++j) W0[j] = weights[j - 1].data_ptr<T>(), wstride[j] = lay.d[j] * lay.d[j - 1];
 
-  SequentialBlasIfSmall sequential(lay.dmax());
+  SequentialBlasIfSmall sequential(lay.dmax(), may_call_blas(m));
   at::parallel_for(0, B, grain_size(lay), [&](int64_t begin, int64_t end) {
     std::unique_ptr<T[]> work(new T[wsize]);
     std::unique_ptr<T[]> qbuf(new T[2 * qmax]), pbuf(new T[2 * pmax]);
     std::vector<const T*> W(L + 1), Q(L + 1), P(L + 1);
     std::vector<T*> G(L + 1);
+    std::vector<T> g(L);  // ∂/∂c_j of the output's cotangent
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t j = 1; j <= L; ++j) W[j] = W0[j] + p * wstride[j], G[j] = grads0[j] + p * wstride[j];
       const T* sv = saved + p * lay.size;
-      const T* g = grad_terms + p * L;
+      for (int64_t j = 0; j < L; ++j) g[j] = scale * (sum_layers ? grad_terms[p] : grad_terms[p * L + j]);
       const T* gE = grad_E ? grad_E + p * dL * d0 : nullptr;
       auto stats = [&](int64_t j) { return sv + lay.stat_off + (j - 1) * lay.stat_size; };
-      for (int64_t j = 1; j <= L; ++j) std::fill(G[j], G[j] + wstride[j], T(0));
       if (L == 1) {
         // c_1 is a constant (P_1 = Q_1 = I); only E = W_1 carries a gradient
         if (gE) std::memcpy(G[1], gE, sizeof(T) * dL * d0);
+        else std::fill(G[1], G[1] + wstride[1], T(0));
         continue;
       }
+      // Each G_j is first written (beta = 0) by the prefix chain, which reaches every
+      // layer but the last, then accumulated by the suffix chain: no zero-fill pass.
       Q[1] = nullptr, Q[2] = W[1];
       for (int64_t j = 3; j <= L; ++j) Q[j] = sv + lay.q_off[j];
       P[L] = nullptr, P[L - 1] = W[L];
@@ -666,14 +826,14 @@ void backward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, 
       if (gE) {
         // E = W_L Q_L
         mm<T>(true, false, lay.d[L - 1], d0, dL, 1, W[L], gE, 1, cur);
-        mm<T>(false, true, dL, lay.d[L - 1], d0, 1, gE, Q[L], 1, G[L]);
+        mm<T>(false, true, dL, lay.d[L - 1], d0, 1, gE, Q[L], 0, G[L]);
       }
       for (int64_t j = L - 1; j >= 1; --j) {  // cur = barQ_{j+1}, (d_j, d_0)
         if (j == 1) {
-          for (int64_t i = 0; i < wstride[1]; ++i) G[1][i] += cur[i];
+          scale_into(G[1], T(1), cur, wstride[1]);
           break;
         }
-        mm<T>(false, true, lay.d[j], lay.d[j - 1], d0, 1, cur, Q[j], 1, G[j]);
+        mm<T>(false, true, lay.d[j], lay.d[j - 1], d0, 1, cur, Q[j], 0, G[j]);
         family_grad_Q(m, lay, j, g[j - 1], Q[j], stats(j), nxt, work.get());
         mm<T>(true, false, lay.d[j - 1], d0, lay.d[j], 1, W[j], cur, 1, nxt);
         std::swap(cur, nxt);
@@ -685,7 +845,8 @@ void backward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, 
       family_grad_P(m, lay, 1, g[0], P[1], stats(1), cur, work.get());
       for (int64_t j = 2; j <= L; ++j) {  // cur = barP_{j-1}, (d_L, d_{j-1})
         if (j == L) {
-          for (int64_t i = 0; i < wstride[L]; ++i) G[L][i] += cur[i];
+          if (gE) add_into(G[L], cur, wstride[L]);
+          else scale_into(G[L], T(1), cur, wstride[L]);
           break;
         }
         mm<T>(true, false, lay.d[j], lay.d[j - 1], dL, 1, P[j], cur, 1, G[j]);
@@ -710,7 +871,8 @@ std::vector<int64_t> batch_shape(const at::Tensor& w) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hessian_layer_terms_cpu(at::TensorList weights, int64_t family,
                                                                        const std::optional<at::Tensor>& a,
                                                                        const std::optional<at::Tensor>& b,
-                                                                       bool with_end_to_end) {
+                                                                       bool with_end_to_end, double scale,
+                                                                       bool sum_layers) {
   check_chain_cpu(weights);  // before dispatching on the dtype: an integer chain gets the clear message
   const auto opts = weights[0].options();
   at::Tensor terms, E, saved;
@@ -725,11 +887,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hessian_layer_terms_cpu(at::Tenso
       s.insert(s.end(), tail);
       return s;
     };
-    terms = at::empty(shape({lay.L}), opts);
+    terms = sum_layers ? at::empty(batch, opts) : at::empty(shape({lay.L}), opts);
     saved = at::empty(shape({lay.size}), opts);
     E = with_end_to_end ? at::empty(shape({lay.d[lay.L], lay.d[0]}), opts) : at::empty({0}, opts);
     if (B == 0) return;
-    forward_impl<scalar_t>(weights, m, lay, B, terms.data_ptr<scalar_t>(),
+    forward_impl<scalar_t>(weights, m, lay, B, static_cast<scalar_t>(scale), sum_layers, terms.data_ptr<scalar_t>(),
                            with_end_to_end ? E.data_ptr<scalar_t>() : nullptr, saved.data_ptr<scalar_t>());
   });
   return {terms, E, saved};
@@ -740,7 +902,8 @@ std::vector<at::Tensor> hessian_layer_terms_backward_cpu(at::TensorList weights,
                                                          const std::optional<at::Tensor>& a,
                                                          const std::optional<at::Tensor>& b, const at::Tensor& saved,
                                                          const at::Tensor& grad_terms,
-                                                         const std::optional<at::Tensor>& grad_E) {
+                                                         const std::optional<at::Tensor>& grad_E, double scale,
+                                                         bool sum_layers) {
   check_chain_cpu(weights);
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(weights[0].scalar_type(), "hessian_layer_terms_backward_cpu", [&] {
@@ -752,7 +915,7 @@ std::vector<at::Tensor> hessian_layer_terms_backward_cpu(at::TensorList weights,
     const auto dtype = weights[0].scalar_type();
     std::vector<int64_t> s_shape(batch), t_shape(batch), e_shape(batch);
     s_shape.push_back(lay.size);
-    t_shape.push_back(lay.L);
+    if (!sum_layers) t_shape.push_back(lay.L);
     e_shape.push_back(lay.d[lay.L]);
     e_shape.push_back(lay.d[0]);
     check_operand(saved, "saved", dtype, s_shape);
@@ -766,7 +929,7 @@ std::vector<at::Tensor> hessian_layer_terms_backward_cpu(at::TensorList weights,
     }
     if (B == 0) return;
     backward_impl<scalar_t>(weights, m, lay, B, saved.data_ptr<scalar_t>(), grad_terms.data_ptr<scalar_t>(),
-                            has_gE ? grad_E->data_ptr<scalar_t>() : nullptr, G);
+                            static_cast<scalar_t>(scale), sum_layers, has_gE ? grad_E->data_ptr<scalar_t>() : nullptr, G);
   });
   return grads;
 }
@@ -798,12 +961,12 @@ class LayerTermsBackwardFunction : public torch::autograd::Function<LayerTermsBa
   static variable_list forward(AutogradContext* ctx, at::TensorList weights, int64_t family,
                                const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
                                const at::Tensor& saved, const at::Tensor& grad_terms,
-                               const std::optional<at::Tensor>& grad_E) {
+                               const std::optional<at::Tensor>& grad_E, double scale, bool sum_layers) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("flatkern::hessian_layer_terms_backward", "")
                          .typed<decltype(hessian_layer_terms_backward_cpu)>();
-    return op.call(weights, family, a, b, saved, grad_terms, grad_E);
+    return op.call(weights, family, a, b, saved, grad_terms, grad_E, scale, sum_layers);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     TORCH_CHECK(false,
@@ -816,12 +979,12 @@ class LayerTermsFunction : public torch::autograd::Function<LayerTermsFunction> 
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList weights, int64_t family,
                                const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
-                               bool with_end_to_end) {
+                               bool with_end_to_end, double scale, bool sum_layers) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("flatkern::hessian_layer_terms", "")
                          .typed<decltype(hessian_layer_terms_cpu)>();
-    auto [terms, E, saved] = op.call(weights, family, a, b, with_end_to_end);
+    auto [terms, E, saved] = op.call(weights, family, a, b, with_end_to_end, scale, sum_layers);
     ctx->mark_non_differentiable({saved});
     // an unused output gets an undefined gradient rather than zeros: no E, no work
     ctx->set_materialize_grads(false);
@@ -832,6 +995,8 @@ class LayerTermsFunction : public torch::autograd::Function<LayerTermsFunction> 
     ctx->save_for_backward(to_save);
     ctx->saved_data["family"] = family;
     ctx->saved_data["with_end_to_end"] = with_end_to_end;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["sum_layers"] = sum_layers;
     return {terms, E, saved};
   }
 
@@ -839,24 +1004,30 @@ class LayerTermsFunction : public torch::autograd::Function<LayerTermsFunction> 
     const variable_list vars = ctx->get_saved_variables();
     const size_t L = vars.size() - 3;
     const std::vector<at::Tensor> weights(vars.begin(), vars.begin() + L);
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const bool sum_layers = ctx->saved_data["sum_layers"].toBool();
     at::Tensor grad_terms = grads[0];
     if (!grad_terms.defined()) {  // only E was used
       // sym sizes: under torch.compile the shapes may be symbolic
       const auto sizes = weights[0].sym_sizes();
       std::vector<c10::SymInt> shape(sizes.begin(), sizes.end() - 2);
-      shape.emplace_back(static_cast<int64_t>(L));
+      if (!sum_layers) shape.emplace_back(static_cast<int64_t>(L));
       grad_terms = at::zeros_symint(shape, weights[0].options());
     }
     std::optional<at::Tensor> grad_E;
     if (ctx->saved_data["with_end_to_end"].toBool() && grads[1].defined()) grad_E = grads[1].contiguous();
-    // through the dispatcher with autograd: a second derivative reaches LayerTermsBackwardFunction
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("flatkern::hessian_layer_terms_backward", "")
                          .typed<decltype(hessian_layer_terms_backward_cpu)>();
+    // with create_graph, through the Autograd key, where a second derivative meets
+    // LayerTermsBackwardFunction's clear error; otherwise straight to the kernel
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();
     std::vector<at::Tensor> gW = op.call(weights, ctx->saved_data["family"].toInt(), defined_or_none(vars[L + 1]),
-                                         defined_or_none(vars[L + 2]), vars[L], grad_terms.contiguous(), grad_E);
+                                         defined_or_none(vars[L + 2]), vars[L], grad_terms.contiguous(), grad_E,
+                                         scale, sum_layers);
     variable_list out(gW.begin(), gW.end());
-    out.resize(L + 4);  // family, a, b, with_end_to_end get no gradient
+    out.resize(L + 6);  // family, a, b, with_end_to_end, scale, sum_layers get no gradient
     return out;
   }
 };
@@ -864,8 +1035,9 @@ class LayerTermsFunction : public torch::autograd::Function<LayerTermsFunction> 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hessian_layer_terms_autograd(at::TensorList weights, int64_t family,
                                                                             const std::optional<at::Tensor>& a,
                                                                             const std::optional<at::Tensor>& b,
-                                                                            bool with_end_to_end) {
-  auto out = LayerTermsFunction::apply(weights, family, a, b, with_end_to_end);
+                                                                            bool with_end_to_end, double scale,
+                                                                            bool sum_layers) {
+  auto out = LayerTermsFunction::apply(weights, family, a, b, with_end_to_end, scale, sum_layers);
   return {out[0], out[1], out[2]};
 }
 
@@ -873,8 +1045,9 @@ std::vector<at::Tensor> hessian_layer_terms_backward_autograd(at::TensorList wei
                                                               const std::optional<at::Tensor>& a,
                                                               const std::optional<at::Tensor>& b,
                                                               const at::Tensor& saved, const at::Tensor& grad_terms,
-                                                              const std::optional<at::Tensor>& grad_E) {
-  return LayerTermsBackwardFunction::apply(weights, family, a, b, saved, grad_terms, grad_E);
+                                                              const std::optional<at::Tensor>& grad_E,
+                                                              double scale, bool sum_layers) {
+  return LayerTermsBackwardFunction::apply(weights, family, a, b, saved, grad_terms, grad_E, scale, sum_layers);
 }
 
 }  // namespace

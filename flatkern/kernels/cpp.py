@@ -140,31 +140,42 @@ def _saved_size(widths: list, family: int, a) -> int:
     return size + L * stat
 
 
-def _forward(weights, measurements: Measurements, with_end_to_end: bool):
-    weights = [w.contiguous() for w in weights]
-    d_L, d_0 = weights[-1].shape[-2], weights[0].shape[-1]
-    family, a, b = _encode(measurements, d_L, d_0)
-    terms, E, _ = torch.ops.flatkern.hessian_layer_terms(weights, family, a, b, with_end_to_end)
+if _LOAD_ERROR is None:
+    _hessian_layer_terms_overload = torch.ops.flatkern.hessian_layer_terms.default
+    # the overload's own C++ entry: OpOverload.__call__ is a Python frame around it,
+    # a measurable part of a d = 30 call (torch.compile gets the overload itself)
+    _hessian_layer_terms = getattr(_hessian_layer_terms_overload, "_op", _hessian_layer_terms_overload)
+
+
+def _forward(weights, measurements: Measurements, with_end_to_end: bool, scale: float, sum_layers: bool):
+    weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
+    family, a, b = _encode(measurements, weights[-1].shape[-2], weights[0].shape[-1])
+    op = _hessian_layer_terms_overload if torch.compiler.is_compiling() else _hessian_layer_terms
+    terms, E, _ = op(weights, family, a, b, with_end_to_end, scale, sum_layers)
     return terms, E
 
 
-def layer_terms(weights: list[torch.Tensor], measurements: Measurements) -> torch.Tensor:
-    """``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²`` by the fused C++ kernels, shape ``(..., L)``.
+def layer_terms(weights: list[torch.Tensor], measurements: Measurements, *, scale: float = 1.0,
+                sum_layers: bool = False) -> torch.Tensor:
+    """``scale · c_j``, ``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²``, by the fused C++ kernels, shape ``(..., L)``.
 
     Same contract as ``flatkern.reference.layer_terms_ref``: ``weights`` are
-    ``[W_1, ..., W_L]`` with ``W_j`` of shape ``(..., d_j, d_{j-1})``; the result
-    is differentiable with respect to the weights (first derivatives only).
+    ``[W_1, ..., W_L]`` with ``W_j`` of shape ``(..., d_j, d_{j-1})``; with
+    ``sum_layers`` the result is ``scale · Σ_j c_j``, shape ``(...)``, from the
+    same single op (no further autograd node).  Differentiable with respect to
+    the weights (first derivatives only).
     """
-    return _forward(weights, measurements, False)[0]
+    return _forward(weights, measurements, False, scale, sum_layers)[0]
 
 
-def layer_terms_and_end_to_end(weights: list[torch.Tensor], measurements: Measurements):
-    """``(layer_terms(weights, measurements), E)`` from one pass over the chain.
+def layer_terms_and_end_to_end(weights: list[torch.Tensor], measurements: Measurements, *, scale: float = 1.0,
+                               sum_layers: bool = False):
+    """``(layer_terms(weights, measurements, ...), E)`` from one pass over the chain.
 
     ``E = W_L ⋯ W_1`` (``(..., d_L, d_0)``) costs one more matrix product on top
     of the trace; both outputs are differentiable with respect to the weights.
     """
-    return _forward(weights, measurements, True)
+    return _forward(weights, measurements, True, scale, sum_layers)
 
 
 # The autograd formulas of both ops are registered in C++ (hessian_trace_cpu.cpp,
@@ -172,14 +183,15 @@ def layer_terms_and_end_to_end(weights: list[torch.Tensor], measurements: Measur
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("flatkern::hessian_layer_terms")
-    def _hessian_layer_terms_fake(weights, family, a, b, with_end_to_end):
+    def _hessian_layer_terms_fake(weights, family, a, b, with_end_to_end, scale=1.0, sum_layers=False):
         batch = weights[0].shape[:-2]
         widths = [weights[0].shape[-1]] + [w.shape[-2] for w in weights]
-        terms = weights[0].new_empty((*batch, len(weights)))
+        terms = weights[0].new_empty(batch if sum_layers else (*batch, len(weights)))
         E = weights[0].new_empty((*batch, widths[-1], widths[0]) if with_end_to_end else (0,))
         saved = weights[0].new_empty((*batch, _saved_size(widths, family, a)))
         return terms, E, saved
 
     @torch.library.register_fake("flatkern::hessian_layer_terms_backward")
-    def _hessian_layer_terms_backward_fake(weights, family, a, b, saved, grad_terms, grad_E):
+    def _hessian_layer_terms_backward_fake(weights, family, a, b, saved, grad_terms, grad_E, scale=1.0,
+                                           sum_layers=False):
         return [torch.empty_like(w) for w in weights]

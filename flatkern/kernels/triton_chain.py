@@ -28,17 +28,25 @@ Per family (``r = rowsq(P_j)``, ``s = colsq(Q_j)``, ``K = counts / n``,
 
 Two paths:
 
-- small widths (every ``d_j <= SMALL_MAX_WIDTH = 32``): one program per problem of
-  the batch keeps the whole chain on chip (widths zero-padded to a power of
-  two ``D``), builds the prefix and suffix products, contracts them with the
-  family and writes ``c_j``: one forward launch, one backward launch.  This is
-  the regime where eager PyTorch is launch-bound.
-- large widths: the chain products are ``torch.matmul`` (cuBLAS is the floor
-  the cost model measures against) and the squared row/column norms and the
-  row/column scalings of the backward are Triton reduction/epilogue kernels;
-  the backward's additions are fused into ``baddbmm``.  The products are not
-  yet fused with the norms (a tiled Triton GEMM with those epilogues is the
-  next step; the norms are one extra read of each product).
+- small widths (every ``d_j <= SMALL_MAX_WIDTH = 128``, depth ``<= 12``): one
+  program per problem of the batch holds its chain in a per-problem workspace
+  of zero-padded ``(D, D)`` tiles (``D`` the next power of two >= 16), builds the
+  prefix and suffix products, contracts them with the family and writes
+  ``c_j``: one forward launch; one backward launch does the reverse
+  accumulation.  Every product is a run-time loop over K-chunks of
+  ``SMALL_BK`` (fp32 ``tl.dot`` without tf32 is unrolled into FMAs, so a whole
+  ``D x D x D`` product would compile for minutes); the layer loops are run-time
+  too, so a kernel is compiled once per ``(D, family)``, whatever the depth.
+  This is the regime where eager PyTorch is launch-bound.
+- large widths: the chain products are a tiled Triton GEMM
+  (``_mm_norms_kernel``) whose epilogue reduces each output tile to the
+  squared row norms of ``P_j`` (Entries, Isotropic, Inputs) and column norms
+  of ``Q_j`` (Entries, Isotropic), or to the row norms of ``U P_j``, ``V Q_jᵀ``
+  (RankOne, ``α``, ``β``); Dense's Grams ``P_j P_jᵀ``, ``Q_jᵀ Q_j`` are the same GEMM.  The
+  norms are saved for the backward, so no product is read back only to be
+  reduced.  The backward's reverse accumulation stays on ``torch.matmul`` /
+  ``baddbmm`` (its additions fused into cuBLAS), with the row/column scalings
+  in a Triton epilogue kernel.
 
 Registration: ``flatkern::triton_layer_terms`` is a ``torch.library.triton_op``
 (so ``torch.compile`` sees the kernels) with its autograd formula and a CPU
@@ -64,13 +72,8 @@ from ..reference import chain_products_ref, end_to_end_ref, layer_terms_ref
 
 __all__ = ["unavailable_reason", "end_to_end", "layer_terms", "SMALL_MAX_WIDTH"]
 
-# widest layer the single-program path takes.  fp32 tl.dot without tf32 is
-# lowered to fully unrolled FMAs, so compile time grows as D^3 per product:
-# compiled offline for sm_90 on a loaded 2-core machine, depth 3 at D = 32 took
-# 12 s (Isotropic forward) to 55 s (Dense backward), the Isotropic forward at
-# D = 64 two minutes, at D = 128 longer still.  Wider chains take the large path
-# until the products are K-chunked through shared memory.
-SMALL_MAX_WIDTH = 32
+# widest layer the single-program path takes (compile times: see SMALL_BK)
+SMALL_MAX_WIDTH = 128
 
 # family codes shared by the op schema and the kernels' FAMILY constexpr
 _ISO, _ENTRIES, _RANKONE, _DENSE, _INPUTS = range(5)
@@ -96,47 +99,45 @@ def unavailable_reason(device: torch.device) -> str | None:
 # =============================================================== small path
 #
 # Layout: the layers of a problem are packed one after the other, row-major,
-# in W (B, Σ_j d_j d_{j-1}) (one torch.cat).  Inside a program each layer is
-# loaded zero-padded into a (D, D) tile, D a power of two >= every width; zero
-# padding is closed under products, so P_j and Q_j come out zero-padded too
-# and only loads, stores and the identities P_L = I_{d_L}, Q_1 = I_{d_0} need
-# the widths.  The widths are plain int arguments d0..d12 (depth <= 12 on this
-# path) picked per layer at compile time by ``_pick``.  The forward stores P_j
-# and Q_j (B, L, D, D) for the backward, which walks the two chains in the
-# opposite order; the backward writes the weight gradient packed like W.
+# in W (B, Σ_j d_j d_{j-1}) (one torch.cat).  Every chain product lives in a
+# per-problem workspace of zero-padded (D, D) tiles, D a power of two >= every
+# width: P_ws, Q_ws (B, L, D, D), which the forward also hands to the backward,
+# and a few scratch tiles SCR (the backward's running gradient, Dense's Grams).
+# Zero padding is closed under products, so only loads from the unpadded
+# inputs (layers, measurements) and the identities P_L = I_{d_L}, Q_1 = I_{d_0}
+# need the widths.  A program touches only its own problem's workspace, so it
+# stays in L1/L2; tl.debug_barrier() (__syncthreads) orders the tile stores of
+# one step before the loads of the next.
+#
+# Compile time is what bounds D.  fp32 tl.dot without tf32 is lowered to fully
+# unrolled FMAs, so a product held in registers costs D^3 instructions (D = 64
+# took minutes to compile).  Here every product is ``_mm``: a run-time loop over
+# K-chunks of BK read from memory, so only a D x D x BK body is unrolled.  The
+# layer loops and the widths are run-time values too (d0..d12 are plain ints,
+# ``_pick`` selects one), so a kernel is compiled once per (D, family) and its
+# size does not grow with the depth.
 
 MAX_SMALL_DEPTH = 12
+# the widths, depth and measurement count are run-time values: specializing them
+# (== 1, divisible by 16) would compile the same kernel again for each pattern
+_RUNTIME_INTS = ["L", "n"] + [f"d{i}" for i in range(MAX_SMALL_DEPTH + 1)]
 
 
 @triton.jit
-def _pick(j: tl.constexpr, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12):
-    """``d_j`` for a compile-time ``j``."""
-    if j == 0:
-        r = d0
-    elif j == 1:
-        r = d1
-    elif j == 2:
-        r = d2
-    elif j == 3:
-        r = d3
-    elif j == 4:
-        r = d4
-    elif j == 5:
-        r = d5
-    elif j == 6:
-        r = d6
-    elif j == 7:
-        r = d7
-    elif j == 8:
-        r = d8
-    elif j == 9:
-        r = d9
-    elif j == 10:
-        r = d10
-    elif j == 11:
-        r = d11
-    else:
-        r = d12
+def _pick(j, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12):
+    """``d_j`` for a run-time ``j`` (selects, no memory access)."""
+    r = tl.where(j == 1, d1, d0)
+    r = tl.where(j == 2, d2, r)
+    r = tl.where(j == 3, d3, r)
+    r = tl.where(j == 4, d4, r)
+    r = tl.where(j == 5, d5, r)
+    r = tl.where(j == 6, d6, r)
+    r = tl.where(j == 7, d7, r)
+    r = tl.where(j == 8, d8, r)
+    r = tl.where(j == 9, d9, r)
+    r = tl.where(j == 10, d10, r)
+    r = tl.where(j == 11, d11, r)
+    r = tl.where(j == 12, d12, r)
     return r
 
 
@@ -162,77 +163,132 @@ def _store_square(X, x, rows, cols, D: tl.constexpr):
 
 
 @triton.jit
-def _small_contract(p, q, d_L, d_0, n, X1, X2, FAMILY: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                    PREC: tl.constexpr):
-    """``c_j`` from ``p = P_j`` (D, D; rows d_L) and ``q = Q_j`` (D, D; cols d_0)."""
+def _tile(X, D: tl.constexpr):
+    """The (D, D) workspace tile at ``X``."""
     o = tl.arange(0, D)
+    return tl.load(X + o[:, None] * D + o[None, :])
+
+
+@triton.jit
+def _put(X, x, D: tl.constexpr):
+    """Store the (D, D) tile ``x`` to the workspace tile at ``X``."""
+    o = tl.arange(0, D)
+    tl.store(X + o[:, None] * D + o[None, :], x)
+
+
+@triton.jit
+def _mm(A, s_am, s_ak, B, s_bk, s_bn, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        PREC: tl.constexpr):
+    """``A[:M, :K] @ B[:K, :N]`` zero-padded to ``(BM, BN)``; A, B strided (a transpose is a stride swap).
+
+    A run-time loop over K-chunks of ``BK``: the compiler unrolls one
+    ``BM x BN x BK`` chunk of FMAs, not the whole product.
+    """
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=A.dtype.element_ty)
+    a_ptr = A + rm[:, None] * s_am + rk[None, :] * s_ak
+    b_ptr = B + rk[:, None] * s_bk + rn[None, :] * s_bn
+    for k0 in range(0, K, BK):
+        a = tl.load(a_ptr, mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.0)
+        b = tl.load(b_ptr, mask=((k0 + rk)[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptr += BK * s_ak
+        b_ptr += BK * s_bk
+    return acc
+
+
+@triton.jit
+def _small_contract(Pj, Qj, SCR, dp, dq, d_L, d_0, n, X1, X2, FAMILY: tl.constexpr, D: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """``c_j`` from the workspace tiles ``Pj = P_j`` (d_L, dp) and ``Qj = Q_j`` (dq, d_0).
+
+    Dense uses two scratch tiles at ``SCR`` for its Grams.
+    """
     if FAMILY == 0:  # Isotropic: ‖P‖² ‖Q‖²
+        p = _tile(Pj, D)
+        q = _tile(Qj, D)
         c = tl.sum(p * p) * tl.sum(q * q)
     elif FAMILY == 1:  # Entries: rᵀ K s
+        p = _tile(Pj, D)
+        q = _tile(Qj, D)
         K = _load_square(X1, d_L, d_0, D)
         r = tl.sum(p * p, axis=1)
         s = tl.sum(q * q, axis=0)
         c = tl.sum(tl.sum(K * s[None, :], axis=1) * r)
     elif FAMILY == 2:  # RankOne: (1/n) Σ ‖u_iᵀ P‖² ‖v_iᵀ Qᵀ‖², BN measurements at a time
-        acc = tl.zeros([BN], dtype=p.dtype)
-        rows = tl.arange(0, BN)
-        u_ptr = X1 + rows[:, None] * d_L + o[None, :]
-        v_ptr = X2 + rows[:, None] * d_0 + o[None, :]
+        acc = tl.zeros([BN], dtype=X1.dtype.element_ty)
+        u_ptr = X1
+        v_ptr = X2
         for start in range(0, n, BN):
-            live = (start + rows) < n
-            u = tl.load(u_ptr, mask=live[:, None] & (o[None, :] < d_L), other=0.0)
-            v = tl.load(v_ptr, mask=live[:, None] & (o[None, :] < d_0), other=0.0)
-            up = tl.dot(u, p, input_precision=PREC)
-            vq = tl.dot(v, tl.trans(q), input_precision=PREC)
+            up = _mm(u_ptr, d_L, 1, Pj, D, 1, n - start, D, d_L, BN, D, BK, PREC)
+            vq = _mm(v_ptr, d_0, 1, Qj, 1, D, n - start, D, d_0, BN, D, BK, PREC)
             acc += tl.sum(up * up, axis=1) * tl.sum(vq * vq, axis=1)
             # advancing the pointers keeps the offsets 64-bit
             u_ptr += BN * d_L
             v_ptr += BN * d_0
         c = tl.sum(acc) / n
     elif FAMILY == 3:  # Dense: (1/n) Σ <A_i, G A_i H>, <A, G A H> = Σ (G A) ⊙ (A H)
-        G = tl.dot(p, tl.trans(p), input_precision=PREC)
-        H = tl.dot(tl.trans(q), q, input_precision=PREC)
-        acc = tl.zeros([D, D], dtype=p.dtype)
+        G_ws = SCR
+        H_ws = SCR + D * D
+        # threads may still be reading the previous layer's Grams
+        tl.debug_barrier()
+        _put(G_ws, _mm(Pj, D, 1, Pj, 1, D, d_L, d_L, dp, D, D, BK, PREC), D)
+        _put(H_ws, _mm(Qj, 1, D, Qj, D, 1, d_0, d_0, dq, D, D, BK, PREC), D)
+        tl.debug_barrier()
+        acc = tl.zeros([D, D], dtype=X1.dtype.element_ty)
         a_ptr = X1
         for i in range(0, n):
-            a = _load_square(a_ptr, d_L, d_0, D)
-            acc += tl.dot(G, a, input_precision=PREC) * tl.dot(a, H, input_precision=PREC)
+            ga = _mm(G_ws, D, 1, a_ptr, d_0, 1, d_L, d_0, d_L, D, D, BK, PREC)
+            ah = _mm(a_ptr, d_0, 1, H_ws, D, 1, d_L, d_0, d_0, D, D, BK, PREC)
+            acc += ga * ah
             a_ptr += d_L * d_0
         c = tl.sum(acc) / n
     else:  # Inputs: ‖P‖² <QᵀQ, M> = ‖P‖² Σ Q ⊙ (Q M)
-        M = _load_square(X1, d_0, d_0, D)
-        c = tl.sum(p * p) * tl.sum(q * tl.dot(q, M, input_precision=PREC))
+        p = _tile(Pj, D)
+        q = _tile(Qj, D)
+        qm = _mm(Qj, D, 1, X1, d_0, 1, dq, d_0, d_0, D, D, BK, PREC)
+        c = tl.sum(p * p) * tl.sum(q * qm)
     return c
 
 
 @triton.jit
-def _small_contract_grad(p, q, g, d_L, d_0, n, X1, X2, FAMILY: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                         PREC: tl.constexpr):
-    """``(g ∂c_j/∂P_j, g ∂c_j/∂Q_j) = (2g S_j P_j, 2g Q_j T_j)``, both (D, D)."""
+def _small_contract_grad(Pj, Qj, SCR, g, dp, dq, d_L, d_0, n, X1, X2, FAMILY: tl.constexpr, D: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """``(g ∂c_j/∂P_j, g ∂c_j/∂Q_j) = (2g S_j P_j, 2g Q_j T_j)``, both (D, D) tiles.
+
+    Dense uses four scratch tiles at ``SCR``.
+    """
     o = tl.arange(0, D)
     if FAMILY == 0:
+        p = _tile(Pj, D)
+        q = _tile(Qj, D)
         p_bar = (2.0 * g * tl.sum(q * q)) * p
         q_bar = (2.0 * g * tl.sum(p * p)) * q
     elif FAMILY == 1:
+        p = _tile(Pj, D)
+        q = _tile(Qj, D)
         K = _load_square(X1, d_L, d_0, D)
         r = tl.sum(p * p, axis=1)
         s = tl.sum(q * q, axis=0)
         p_bar = (2.0 * g) * tl.sum(K * s[None, :], axis=1)[:, None] * p
         q_bar = (2.0 * g) * q * tl.sum(K * r[:, None], axis=0)[None, :]
     elif FAMILY == 2:
-        p_bar = tl.zeros([D, D], dtype=p.dtype)
-        q_bar = tl.zeros([D, D], dtype=p.dtype)
+        p_bar = tl.zeros([D, D], dtype=X1.dtype.element_ty)
+        q_bar = tl.zeros([D, D], dtype=X1.dtype.element_ty)
         rows = tl.arange(0, BN)
-        u_ptr = X1 + rows[:, None] * d_L + o[None, :]
-        v_ptr = X2 + rows[:, None] * d_0 + o[None, :]
+        u_ptr = X1
+        v_ptr = X2
         for start in range(0, n, BN):
             live = (start + rows) < n
-            u = tl.load(u_ptr, mask=live[:, None] & (o[None, :] < d_L), other=0.0)
-            v = tl.load(v_ptr, mask=live[:, None] & (o[None, :] < d_0), other=0.0)
-            up = tl.dot(u, p, input_precision=PREC)
-            vq = tl.dot(v, tl.trans(q), input_precision=PREC)
+            u = tl.load(u_ptr + rows[:, None] * d_L + o[None, :], mask=live[:, None] & (o[None, :] < d_L), other=0.0)
+            v = tl.load(v_ptr + rows[:, None] * d_0 + o[None, :], mask=live[:, None] & (o[None, :] < d_0), other=0.0)
+            up = _mm(u_ptr, d_L, 1, Pj, D, 1, n - start, D, d_L, BN, D, BK, PREC)
+            vq = _mm(v_ptr, d_0, 1, Qj, 1, D, n - start, D, d_0, BN, D, BK, PREC)
             alpha = tl.sum(up * up, axis=1)
             beta = tl.sum(vq * vq, axis=1)
+            # inner dimension BN: these two are one chunk each
             p_bar += tl.dot(tl.trans(u), beta[:, None] * up, input_precision=PREC)
             q_bar += tl.dot(tl.trans(alpha[:, None] * vq), v, input_precision=PREC)
             u_ptr += BN * d_L
@@ -240,127 +296,149 @@ def _small_contract_grad(p, q, g, d_L, d_0, n, X1, X2, FAMILY: tl.constexpr, D: 
         p_bar = (2.0 * g / n) * p_bar
         q_bar = (2.0 * g / n) * q_bar
     elif FAMILY == 3:
-        G = tl.dot(p, tl.trans(p), input_precision=PREC)
-        H = tl.dot(tl.trans(q), q, input_precision=PREC)
-        S = tl.zeros([D, D], dtype=p.dtype)
-        T = tl.zeros([D, D], dtype=p.dtype)
+        # S = Σ_i A_i H A_iᵀ and T = Σ_i A_iᵀ G A_i, one after the other (one (D, D) sum live at a time)
+        G_ws = SCR
+        H_ws = SCR + D * D
+        X_ws = SCR + 2 * D * D
+        tl.debug_barrier()
+        _put(G_ws, _mm(Pj, D, 1, Pj, 1, D, d_L, d_L, dp, D, D, BK, PREC), D)
+        _put(H_ws, _mm(Qj, 1, D, Qj, D, 1, d_0, d_0, dq, D, D, BK, PREC), D)
+        S = tl.zeros([D, D], dtype=X1.dtype.element_ty)
         a_ptr = X1
         for i in range(0, n):
-            a = _load_square(a_ptr, d_L, d_0, D)
-            S += tl.dot(tl.dot(a, H, input_precision=PREC), tl.trans(a), input_precision=PREC)
-            T += tl.dot(tl.trans(a), tl.dot(G, a, input_precision=PREC), input_precision=PREC)
+            tl.debug_barrier()
+            _put(X_ws, _mm(a_ptr, d_0, 1, H_ws, D, 1, d_L, d_0, d_0, D, D, BK, PREC), D)  # A_i H
+            tl.debug_barrier()
+            S += _mm(X_ws, D, 1, a_ptr, 1, d_0, d_L, d_L, d_0, D, D, BK, PREC)  # (A_i H) A_iᵀ
             a_ptr += d_L * d_0
-        p_bar = (2.0 * g / n) * tl.dot(S, p, input_precision=PREC)
-        q_bar = (2.0 * g / n) * tl.dot(q, T, input_precision=PREC)
+        tl.debug_barrier()
+        _put(X_ws, S, D)
+        tl.debug_barrier()
+        p_bar = (2.0 * g / n) * _mm(X_ws, D, 1, Pj, D, 1, d_L, dp, d_L, D, D, BK, PREC)
+        T = tl.zeros([D, D], dtype=X1.dtype.element_ty)
+        a_ptr = X1
+        for i in range(0, n):
+            tl.debug_barrier()
+            _put(X_ws, _mm(G_ws, D, 1, a_ptr, d_0, 1, d_L, d_0, d_L, D, D, BK, PREC), D)  # G A_i
+            tl.debug_barrier()
+            T += _mm(a_ptr, 1, d_0, X_ws, D, 1, d_0, d_0, d_L, D, D, BK, PREC)  # A_iᵀ (G A_i)
+            a_ptr += d_L * d_0
+        tl.debug_barrier()
+        _put(X_ws, T, D)
+        tl.debug_barrier()
+        q_bar = (2.0 * g / n) * _mm(Qj, D, 1, X_ws, D, 1, dq, d_0, d_0, D, D, BK, PREC)
     else:
-        M = _load_square(X1, d_0, d_0, D)
-        qm = tl.dot(q, M, input_precision=PREC)
+        p = _tile(Pj, D)
+        q = _tile(Qj, D)
+        qm = _mm(Qj, D, 1, X1, d_0, 1, dq, d_0, d_0, D, D, BK, PREC)
         p_bar = (2.0 * g * tl.sum(q * qm)) * p
         q_bar = (2.0 * g * tl.sum(p * p)) * qm
     return p_bar, q_bar
 
 
-@triton.jit
-def _chain_small_fwd_kernel(W, s_wb, P_ws, Q_ws, OUT, n, X1, X2,
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _chain_small_fwd_kernel(W, s_wb, P_ws, Q_ws, SCR, s_scr, OUT, L, n, X1, X2,
                             d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12,
-                            L: tl.constexpr, D: tl.constexpr, FAMILY: tl.constexpr, BN: tl.constexpr,
+                            D: tl.constexpr, FAMILY: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             PREC: tl.constexpr):
     """One program per problem: ``OUT[b, j] = c_j``; stores ``P_j``, ``Q_j`` for the backward.
 
-    W: (B, Σ d_j d_{j-1}) packed layers, batch stride ``s_wb``; P_ws, Q_ws: (B, L, D, D); OUT: (B, L).
+    W: (B, Σ d_j d_{j-1}) packed layers, batch stride ``s_wb``; P_ws, Q_ws: (B, L, D, D);
+    SCR: scratch tiles, batch stride ``s_scr``; OUT: (B, L).
     """
     b = tl.program_id(0).to(tl.int64)
-    o = tl.arange(0, D)
-    tile = o[:, None] * D + o[None, :]
-    ws = b * L * D * D
+    DD: tl.constexpr = D * D
+    ws = b * L * DD
     wb = W + b * s_wb
+    scr = SCR + b * s_scr
     dtype = W.dtype.element_ty
     d_L = _pick(L, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
 
-    # prefix chain Q_1 = I, Q_{j+1} = W_j Q_j  (0-based: Q[j+1] = W[j] Q[j])
-    q = _eye(d0, D, dtype)
-    off = 0
-    for j in tl.static_range(L):
+    # prefix chain Q_1 = I, Q_{j+1} = W_j Q_j  (0-based: Q[j+1] = W[j] Q[j], W[j] of shape (d_{j+1}, d_j))
+    _put(Q_ws + ws, _eye(d0, D, dtype), D)
+    off = b * 0  # int64 offset of W[j] in the packed layers
+    for j in range(0, L - 1):
         rows = _pick(j + 1, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
         cols = _pick(j, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
-        tl.store(Q_ws + ws + j * D * D + tile, q)
-        if j < L - 1:
-            q = tl.dot(_load_square(wb + off, rows, cols, D), q, input_precision=PREC)
+        tl.debug_barrier()  # Q[j] was stored by other threads
+        q = _mm(wb + off, cols, 1, Q_ws + ws + j * DD, D, 1, rows, d0, cols, D, D, BK, PREC)
+        _put(Q_ws + ws + (j + 1) * DD, q, D)
         off += rows * cols
-    # suffix chain P_L = I, P_{j-1} = P_j W_j  (0-based: P[j-1] = P[j] W[j]), walking the offsets back
-    p = _eye(d_L, D, dtype)
-    for jj in tl.static_range(L):
+    # suffix chain P_L = I, P_{j-1} = P_j W_j  (0-based: P[j-1] = P[j] W[j]); off is W[L-1]'s now
+    _put(P_ws + ws + (L - 1) * DD, _eye(d_L, D, dtype), D)
+    for jj in range(0, L - 1):
         j = L - 1 - jj
         rows = _pick(j + 1, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
         cols = _pick(j, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
-        off -= rows * cols
-        tl.store(P_ws + ws + j * D * D + tile, p)
-        if j > 0:
-            p = tl.dot(p, _load_square(wb + off, rows, cols, D), input_precision=PREC)
-    # the two chains run in opposite orders: make both visible to every thread
+        tl.debug_barrier()
+        p = _mm(P_ws + ws + j * DD, D, 1, wb + off, cols, 1, d_L, cols, rows, D, D, BK, PREC)
+        _put(P_ws + ws + (j - 1) * DD, p, D)
+        off -= cols * _pick(j - 1, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
     tl.debug_barrier()
-    for j in tl.static_range(L):
-        p = tl.load(P_ws + ws + j * D * D + tile)
-        q = tl.load(Q_ws + ws + j * D * D + tile)
-        c = _small_contract(p, q, d_L, d0, n, X1, X2, FAMILY, D, BN, PREC)
+    for j in range(0, L):
+        dp = _pick(j + 1, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
+        dq = _pick(j, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
+        c = _small_contract(P_ws + ws + j * DD, Q_ws + ws + j * DD, scr, dp, dq, d_L, d0, n, X1, X2,
+                            FAMILY, D, BN, BK, PREC)
         tl.store(OUT + b * L + j, c)
 
 
-@triton.jit
-def _chain_small_bwd_kernel(W, s_wb, P_ws, Q_ws, GRAD, DW, QBAR_ws, n, X1, X2,
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _chain_small_bwd_kernel(W, s_wb, P_ws, Q_ws, GRAD, DW, QBAR_ws, SCR, s_scr, L, n, X1, X2,
                             d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12,
-                            L: tl.constexpr, D: tl.constexpr, FAMILY: tl.constexpr, BN: tl.constexpr,
+                            D: tl.constexpr, FAMILY: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             PREC: tl.constexpr):
     """One program per problem: ``DW[b] = Σ_k GRAD[b, k] ∂c_k/∂W``, packed like ``W``.
 
-    W, DW: (B, Σ d_j d_{j-1}) with batch stride ``s_wb``; P_ws, Q_ws, QBAR_ws: (B, L, D, D); GRAD: (B, L).
+    W, DW: (B, Σ d_j d_{j-1}) with batch stride ``s_wb``; P_ws, Q_ws, QBAR_ws: (B, L, D, D);
+    GRAD: (B, L); SCR: scratch tiles (the running chain gradient, then Dense's), batch stride ``s_scr``.
     """
     b = tl.program_id(0).to(tl.int64)
-    o = tl.arange(0, D)
-    tile = o[:, None] * D + o[None, :]
-    ws = b * L * D * D
+    DD: tl.constexpr = D * D
+    ws = b * L * DD
     wb = W + b * s_wb
     dwb = DW + b * s_wb
+    acc_ws = SCR + b * s_scr
     dtype = W.dtype.element_ty
     d_L = _pick(L, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
 
-    # suffix chain, j ascending: p_acc is the gradient reaching P_j
-    p_acc = tl.zeros([D, D], dtype=dtype)
-    off = 0
-    for j in tl.static_range(L):
+    # suffix chain, j ascending: acc_ws holds the gradient reaching P[j-1], (d_L, d_j)
+    off = b * 0
+    for j in range(0, L):
         rows = _pick(j + 1, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
         cols = _pick(j, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
-        p = tl.load(P_ws + ws + j * D * D + tile)
-        q = tl.load(Q_ws + ws + j * D * D + tile)
+        Pj = P_ws + ws + j * DD
         g = tl.load(GRAD + b * L + j).to(dtype)
-        p_bar, q_bar = _small_contract_grad(p, q, g, d_L, d0, n, X1, X2, FAMILY, D, BN, PREC)
-        tl.store(QBAR_ws + ws + j * D * D + tile, q_bar)
+        p_bar, q_bar = _small_contract_grad(Pj, Q_ws + ws + j * DD, acc_ws + DD, g, rows, cols, d_L, d0, n,
+                                            X1, X2, FAMILY, D, BN, BK, PREC)
+        _put(QBAR_ws + ws + j * DD, q_bar, D)
         if j > 0:
-            # P_{j-1} = P_j W_j: ∂W_j = P_jᵀ p_acc, and p_acc flows on as p_acc W_jᵀ
-            _store_square(dwb + off, tl.dot(tl.trans(p), p_acc, input_precision=PREC), rows, cols, D)
-            w = _load_square(wb + off, rows, cols, D)
-            p_acc = tl.dot(p_acc, tl.trans(w), input_precision=PREC)
-        p_acc += p_bar
+            # P[j-1] = P[j] W[j]: ∂W[j] = P[j]ᵀ acc, and acc flows on as acc W[j]ᵀ
+            dw = _mm(Pj, 1, D, acc_ws, D, 1, rows, cols, d_L, D, D, BK, PREC)
+            _store_square(dwb + off, dw, rows, cols, D)
+            p_bar += _mm(acc_ws, D, 1, wb + off, 1, cols, d_L, rows, cols, D, D, BK, PREC)
+        # every thread is done reading the old acc before it is overwritten
+        tl.debug_barrier()
+        _put(acc_ws, p_bar, D)
+        tl.debug_barrier()
         off += rows * cols
-    # the prefix pass reads DW and QBAR written above by other threads
-    tl.debug_barrier()
-    # prefix chain, j descending: q_acc is the gradient reaching Q_j
-    q_acc = tl.zeros([D, D], dtype=dtype)
-    for jj in tl.static_range(L):
+    # prefix chain, j descending: acc_ws holds the gradient reaching Q[j+1], (d_{j+1}, d_0)
+    for jj in range(0, L):
         j = L - 1 - jj
         rows = _pick(j + 1, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
         cols = _pick(j, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12)
         off -= rows * cols
+        q_bar = _tile(QBAR_ws + ws + j * DD, D)
         if j < L - 1:
-            # Q_{j+1} = W_j Q_j: ∂W_j = q_acc Q_jᵀ, and q_acc flows on as W_jᵀ q_acc
-            q = tl.load(Q_ws + ws + j * D * D + tile)
-            dw = tl.dot(q_acc, tl.trans(q), input_precision=PREC)
+            # Q[j+1] = W[j] Q[j]: ∂W[j] = acc Q[j]ᵀ, and acc flows on as W[j]ᵀ acc
+            dw = _mm(acc_ws, D, 1, Q_ws + ws + j * DD, 1, D, rows, cols, d0, D, D, BK, PREC)
             if j > 0:
                 dw += _load_square(dwb + off, rows, cols, D)
             _store_square(dwb + off, dw, rows, cols, D)
-            w = _load_square(wb + off, rows, cols, D)
-            q_acc = tl.dot(tl.trans(w), q_acc, input_precision=PREC)
-        q_acc += tl.load(QBAR_ws + ws + j * D * D + tile)
+            q_bar += _mm(wb + off, 1, cols, acc_ws, D, 1, cols, d0, rows, D, D, BK, PREC)
+        tl.debug_barrier()
+        _put(acc_ws, q_bar, D)
+        tl.debug_barrier()
     if L == 1:
         # depth 1: the trace is a constant
         _store_square(dwb, tl.zeros([D, D], dtype=dtype), d1, d0, D)
@@ -385,12 +463,33 @@ def _small_launch_args(family, data, like):
 
 
 def _num_warps(D: int) -> int:
-    return 2 if D <= 32 else (4 if D <= 64 else 8)
+    # fp32 ieee dots are FMAs whose operands sit in registers: at most 16-32 outputs of a (D, D)
+    # tile per thread (at D = 64 with 4 warps the kernels spilled; with 8 they hardly do)
+    return {16: 2, 32: 2, 64: 8}.get(D, 16)
+
+
+# K-chunk of the small path's products: the unrolled body of a product is D x D x BK FMAs.
+# Compiled offline for sm_90 (ptxas, fp32 ieee, BK = 16, ``_num_warps``) on a loaded 2-core
+# machine, forward / backward seconds: D = 64 (8 warps): Isotropic 2.2 / 2.6, Entries 4.9 / 5.5,
+# RankOne 4.3 / 4.8, Dense 4.2 / 9.5, Inputs 2.5 / 7.9; D = 128 (16 warps): Isotropic 3.2 / 5.0,
+# Entries 7.8 / 13.0, RankOne 6.1 / 6.9, Dense 5.2 / 15.9, Inputs 6.0 / 12.7.  (Whole-product
+# dots took minutes at D = 64.)  The times do not depend on the depth or the widths: the loops
+# run at run time.  Registers: at D = 64 the kernels spill at most 136 bytes a thread; at
+# D = 128 (128 registers a thread at 16 warps) 100-1400 bytes, the price of (D, D) tiles held
+# in registers by the family contractions.
+SMALL_BK = 16
 
 
 def _dims_args(widths: list[int]) -> list[int]:
-    # d0..d12 of the kernels; the unused ones are never read
+    # d0..d12 of the kernels; the unused ones are never selected
     return list(widths) + [0] * (MAX_SMALL_DEPTH + 1 - len(widths))
+
+
+def _scratch(W, tiles: int, D: int):
+    """``tiles`` (D, D) scratch tiles per problem and their batch stride (a 1-element dummy for none)."""
+    if tiles == 0:
+        return W, 0
+    return W.new_empty((W.shape[0], tiles, D, D)), tiles * D * D
 
 
 def chain_small_fwd(W, widths, family, data, prec):
@@ -402,9 +501,10 @@ def chain_small_fwd(W, widths, family, data, prec):
     P_ws, Q_ws = W.new_empty((B, L, D, D)), W.new_empty((B, L, D, D))
     out = W.new_empty((B, L))
     X1, X2, n = _small_launch_args(family, data, W)
+    scr, s_scr = _scratch(W, 2 if family == _DENSE else 0, D)  # Dense: G_j, H_j
     wrap_triton(_chain_small_fwd_kernel)[(B,)](
-        W, W.stride(0), P_ws, Q_ws, out, n, X1, X2, *_dims_args(widths),
-        L=L, D=D, FAMILY=family, BN=16, PREC=prec, num_warps=_num_warps(D),
+        W, W.stride(0), P_ws, Q_ws, scr, s_scr, out, L, n, X1, X2, *_dims_args(widths),
+        D=D, FAMILY=family, BN=16, BK=SMALL_BK, PREC=prec, num_warps=_num_warps(D),
     )
     return out, P_ws, Q_ws
 
@@ -414,21 +514,74 @@ def chain_small_bwd(W, P_ws, Q_ws, grad, widths, family, data, prec):
     B, L, D = W.shape[0], len(widths) - 1, _small_width(widths)
     dW, q_bar = torch.empty_like(W), torch.empty_like(P_ws)
     X1, X2, n = _small_launch_args(family, data, W)
+    scr, s_scr = _scratch(W, 4 if family == _DENSE else 1, D)  # the running gradient; Dense: G, H, scratch
     wrap_triton(_chain_small_bwd_kernel)[(B,)](
-        W, W.stride(0), P_ws, Q_ws, grad, dW, q_bar, n, X1, X2, *_dims_args(widths),
-        L=L, D=D, FAMILY=family, BN=16, PREC=prec, num_warps=_num_warps(D),
+        W, W.stride(0), P_ws, Q_ws, grad, dW, q_bar, scr, s_scr, L, n, X1, X2, *_dims_args(widths),
+        D=D, FAMILY=family, BN=16, BK=SMALL_BK, PREC=prec, num_warps=_num_warps(D),
     )
     return dW
 
 
 # =============================================================== large path
+#
+# The chain products are tiled Triton GEMMs (``_mm_norms_kernel``) whose
+# epilogue also reduces the output tile to the squared row and/or column norms
+# the family needs (``rowsq(P_j)``, ``colsq(Q_j)``, ``‖U P_j‖`` row norms), so no
+# product is read back only to be reduced; the forward saves those norms for the
+# backward.  The backward's reverse accumulation stays on ``torch.matmul`` /
+# ``baddbmm`` (its additions fused into cuBLAS), with the row/column scalings in
+# ``_scale_kernel``.
+
+
+@triton.jit
+def _mm_norms_kernel(A, B, C, RSQ, CSQ, M, N, K, s_ab, s_am, s_ak, s_bb, s_bk, s_bn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     STORE_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, PREC: tl.constexpr):
+    """``C[b] = A[b] @ B[b]`` and, in the epilogue, the squared norms of its rows and columns.
+
+    A: (B, M, K), B: (B, K, N), strided (batch stride 0 broadcasts one matrix); C: (B, M, N) contiguous.
+    RSQ: (B, ⌈N/BLOCK_N⌉, M), ``RSQ[b, t, m] = Σ_{n in column tile t} C[b, m, n]²``; CSQ: (B, ⌈M/BLOCK_M⌉, N)
+    likewise per row tile.  Per-tile partials, summed by the launcher, rather than atomics: the sums
+    come out the same on every run.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row tiles in a row reuse the same column tiles of B from L2
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    tm = first_m + (pid % group) % size_m
+    tn = (pid % group) // size_m
+    rm = tm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptr = A + b * s_ab + rm[:, None] * s_am + rk[None, :] * s_ak
+    b_ptr = B + b * s_bb + rk[:, None] * s_bk + rn[None, :] * s_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=A.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr, mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.0)
+        bk = tl.load(b_ptr, mask=((k0 + rk)[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, bk, acc, input_precision=PREC)
+        a_ptr += BLOCK_K * s_ak
+        b_ptr += BLOCK_K * s_bk
+    # masked loads leave zeros outside (M, N): they add nothing to the norms
+    if STORE_C:
+        tl.store(C + b * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    if ROWS:
+        tl.store(RSQ + (b * num_n + tn) * M + rm, tl.sum(acc * acc, axis=1), mask=rm < M)
+    if COLS:
+        tl.store(CSQ + (b * num_m + tm) * N + rn, tl.sum(acc * acc, axis=0), mask=rn < N)
 
 
 @triton.jit
 def _rowsq_kernel(X, OUT, M, N, s_xb, s_xm, s_xn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``OUT[b, m] = Σ_n X[b, m, n]²`` over a strided ``X``; OUT: (B, M) contiguous.
 
-    Column norms are the row norms of ``Xᵀ``: the caller swaps the strides.
+    For the norms of matrices that are no product (the weights ``W_L``, ``W_1``, and the
+    products the reference plan forms).  Column norms are the row norms of ``Xᵀ``: the caller
+    swaps the strides.
     """
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -460,11 +613,47 @@ def _scale_kernel(X, WR, WC, OUT, M, N, s_xb, s_xm, s_xn, s_rb, s_rm, s_cb, s_cn
     tl.store(OUT + b * M * N + rows[:, None] * N + cols[None, :], x * wr[:, None] * wc[None, :], mask=mask)
 
 
-class _TritonReductions:
-    """Row/column squared norms and row/column scalings of a batch ``(B, M, N)`` by the Triton kernels."""
+def _gemm_config(block: int | None, dtype: torch.dtype) -> dict:
+    """Tile sizes of ``_mm_norms_kernel``: ``block`` (tests: several small tiles) or a fixed default."""
+    if block:
+        return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_K=min(block, 32), GROUP_M=8, num_warps=4, num_stages=2)
+    if dtype == torch.float64:
+        # fp64 tiles take twice the registers
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+    # the matmul tutorial's Hopper fp32 shape; not autotuned: a fixed config compiles once
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
-    def __init__(self, block: int):
-        self.block = block
+
+class _TritonReductions:
+    """Products with norm epilogues, squared norms and row/column scalings of batches ``(B, M, N)``."""
+
+    def __init__(self, block: int | None, prec: str = "ieee"):
+        self.block = block or 64
+        self.gemm_block = block
+        self.prec = prec
+
+    def mm(self, a, b, rows=False, cols=False, store=True):
+        """``(a @ b, rowsq(a @ b), colsq(a @ b))``, each ``None`` unless asked for.
+
+        a: (B, M, K) or (M, K) (shared by the batch), b: (B, K, N); out (B, M, N), (B, M), (B, N).
+        """
+        if a.dim() == 2:
+            a = a.unsqueeze(0)
+        B = max(a.shape[0], b.shape[0])
+        a, b = a.expand(B, -1, -1), b.expand(B, -1, -1)  # a shared matrix: batch stride 0
+        M, K, N = a.shape[1], a.shape[2], b.shape[2]
+        cfg = _gemm_config(self.gemm_block, a.dtype)
+        num_m, num_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
+        c = a.new_empty((B, M, N)) if store else a
+        rsq = a.new_empty((B, num_n, M)) if rows else a
+        csq = a.new_empty((B, num_m, N)) if cols else a
+        wrap_triton(_mm_norms_kernel)[(B, num_m * num_n)](
+            a, b, c, rsq, csq, M, N, K, a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+            STORE_C=store, ROWS=rows, COLS=cols, PREC=self.prec, **cfg,
+        )
+        return (c if store else None,
+                (rsq[:, 0] if num_n == 1 else rsq.sum(1)) if rows else None,
+                (csq[:, 0] if num_m == 1 else csq.sum(1)) if cols else None)
 
     def rowsq(self, X):
         B, M, N = X.shape
@@ -492,7 +681,12 @@ class _TritonReductions:
 
 
 class _TorchReductions:
-    """The same reductions in plain torch (the CPU registration without the interpreter)."""
+    """The same operations in plain torch (the CPU registration without the interpreter)."""
+
+    @staticmethod
+    def mm(a, b, rows=False, cols=False, store=True):
+        c = a @ b
+        return (c if store else None, c.square().sum(-1) if rows else None, c.square().sum(-2) if cols else None)
 
     @staticmethod
     def rowsq(X):
@@ -516,45 +710,80 @@ def _chain_products(Ws):
     return chain_products_ref(Ws)
 
 
-def _large_terms(family, data, P, Q, d_L, d_0, like, red):
-    """``c_j`` (B,) from ``P`` (B, d_L, d_j) and ``Q`` (B, d_{j-1}, d_0); ``None`` is an identity.
+def _norms_needed(family: int) -> tuple[bool, bool]:
+    """Whether the family reads ``rowsq(P_j)`` and ``colsq(Q_j)`` (Isotropic and Inputs: their sums)."""
+    return family in (_ISO, _ENTRIES, _INPUTS), family in (_ISO, _ENTRIES)
+
+
+def _large_chain(Ws, family, red):
+    """``P``, ``Q`` (lists as ``_chain_products``) and the norms ``rp[j] = rowsq(P_j)`` (B, d_L),
+    ``cq[j] = colsq(Q_j)`` (B, d_0) the family needs (else ``None``), from the products' epilogues.
+    """
+    L = len(Ws)
+    need_r, need_c = _norms_needed(family)
+    P, Q, rp, cq = [None] * L, [None] * L, [None] * L, [None] * L
+    for j in range(L - 2, -1, -1):  # P_j = P_{j+1} W_{j+1}
+        if P[j + 1] is None:
+            P[j], rp[j] = Ws[j + 1], red.rowsq(Ws[j + 1]) if need_r else None
+        else:
+            P[j], rp[j], _ = red.mm(P[j + 1], Ws[j + 1], rows=need_r)
+    for j in range(1, L):  # Q_{j+1} = W_j Q_j
+        if Q[j - 1] is None:
+            Q[j], cq[j] = Ws[0], red.colsq(Ws[0]) if need_c else None
+        else:
+            Q[j], _, cq[j] = red.mm(Ws[j - 1], Q[j - 1], cols=need_c)
+    return P, Q, rp, cq
+
+
+def _large_terms(family, data, P, Q, rp, cq, d_L, d_0, like, red):
+    """``c_j`` (B,) from ``P`` (B, d_L, d_j) and ``Q`` (B, d_{j-1}, d_0) (``None``: an identity)
+    and their norms ``rp = rowsq(P)``, ``cq = colsq(Q)`` where the family needs them.
 
     ``like``: a (B, ...) tensor giving the batch size, dtype and device.
     """
     B = like.shape[0]
     if family == _ISO or family == _INPUTS:
-        fp = red.rowsq(P).sum(-1) if P is not None else like.new_full((B,), float(d_L))
+        fp = rp.sum(-1) if P is not None else like.new_full((B,), float(d_L))
         if family == _ISO:
-            fq = red.colsq(Q).sum(-1) if Q is not None else like.new_full((B,), float(d_0))
+            fq = cq.sum(-1) if Q is not None else like.new_full((B,), float(d_0))
         else:
             M = data[0]
             fq = (Q * (Q @ M)).sum((-2, -1)) if Q is not None else torch.diagonal(M).sum().expand(B)
         return fp * fq
     if family == _ENTRIES:
         K = data[0]
-        Ks = (red.colsq(Q) @ K.T) if Q is not None else K.sum(-1).expand(B, d_L)
-        return (red.rowsq(P) * Ks).sum(-1) if P is not None else Ks.sum(-1)
+        Ks = (cq @ K.T) if Q is not None else K.sum(-1).expand(B, d_L)
+        return (rp * Ks).sum(-1) if P is not None else Ks.sum(-1)
     if family == _RANKONE:
         U, V = data[0], data[1]
-        alpha = red.rowsq(U @ P) if P is not None else U.square().sum(-1).expand(B, -1)
-        beta = red.rowsq(V @ Q.transpose(-1, -2)) if Q is not None else V.square().sum(-1).expand(B, -1)
+        # ‖u_iᵀ P‖²: row norms of U P, reduced in the product's epilogue, U P never stored
+        alpha = red.mm(U, P, rows=True, store=False)[1] if P is not None else U.square().sum(-1).expand(B, -1)
+        beta = red.mm(V, Q.transpose(-1, -2), rows=True, store=False)[1] if Q is not None \
+            else V.square().sum(-1).expand(B, -1)
         return (alpha * beta).mean(-1)
     # Dense, Gram form <A_i, G A_i H>
     A = data[0]
-    GA = A if P is None else (P @ P.transpose(-1, -2)).unsqueeze(-3) @ A
-    AH = A if Q is None else A @ (Q.transpose(-1, -2) @ Q).unsqueeze(-3)
+    GA = A if P is None else red.mm(P, P.transpose(-1, -2))[0].unsqueeze(-3) @ A
+    AH = A if Q is None else A @ red.mm(Q.transpose(-1, -2), Q)[0].unsqueeze(-3)
     out = (GA * AH).sum((-2, -1)).mean(-1)
     return out.expand(B) if out.dim() == 0 else out
 
 
-def _large_bars(family, data, P, Q, g, d_L, d_0, red, need_p, need_q):
-    """``(2g S_j P_j, 2g Q_j T_j)`` (each ``None`` unless asked for); ``g``: (B,)."""
+def _large_bars(family, data, P, Q, rp, cq, g, d_L, d_0, red, need_p, need_q):
+    """``(2g S_j P_j, 2g Q_j T_j)`` (each ``None`` unless asked for); ``g``: (B,).
+
+    ``rp``, ``cq``: the forward's norms of ``P``, ``Q`` where it saved them, else ``None`` (recomputed).
+    """
     B = g.shape[0]
     p_bar = q_bar = None
+    if P is not None and rp is None and family in (_ISO, _ENTRIES, _INPUTS):
+        rp = red.rowsq(P)
+    if Q is not None and cq is None and family in (_ISO, _ENTRIES):
+        cq = red.colsq(Q)
     if family == _ISO or family == _INPUTS:
-        fp = red.rowsq(P).sum(-1) if P is not None else torch.full_like(g, float(d_L))
+        fp = rp.sum(-1) if P is not None else torch.full_like(g, float(d_L))
         if family == _ISO:
-            fq = red.colsq(Q).sum(-1) if Q is not None else torch.full_like(g, float(d_0))
+            fq = cq.sum(-1) if Q is not None else torch.full_like(g, float(d_0))
             if need_q:
                 q_bar = red.scale(Q, wr=(2 * g * fp)[:, None])
         else:
@@ -568,41 +797,48 @@ def _large_bars(family, data, P, Q, g, d_L, d_0, red, need_p, need_q):
     elif family == _ENTRIES:
         K = data[0]
         if need_p:
-            s = red.colsq(Q) if Q is not None else torch.ones_like(g)[:, None].expand(B, d_0)
+            s = cq if Q is not None else torch.ones_like(g)[:, None].expand(B, d_0)
             p_bar = red.scale(P, wr=2 * g[:, None] * (s @ K.T))
         if need_q:
-            r = red.rowsq(P) if P is not None else torch.ones_like(g)[:, None].expand(B, d_L)
+            r = rp if P is not None else torch.ones_like(g)[:, None].expand(B, d_L)
             q_bar = red.scale(Q, wc=2 * g[:, None] * (r @ K))
     elif family == _RANKONE:
         U, V = data[0], data[1]
         n = U.shape[0]
-        UP = (U @ P) if P is not None else U.expand(B, -1, -1)
-        VQ = (V @ Q.transpose(-1, -2)) if Q is not None else V.expand(B, -1, -1)
+        if P is not None:
+            UP, alpha, _ = red.mm(U, P, rows=True)
+        else:
+            UP, alpha = U.expand(B, -1, -1), U.square().sum(-1).expand(B, -1)
+        if Q is not None:
+            VQ, beta, _ = red.mm(V, Q.transpose(-1, -2), rows=True)
+        else:
+            VQ, beta = V.expand(B, -1, -1), V.square().sum(-1).expand(B, -1)
         if need_p:
-            p_bar = U.T @ red.scale(UP, wr=(2 / n) * g[:, None] * red.rowsq(VQ))
+            p_bar = U.T @ red.scale(UP, wr=(2 / n) * g[:, None] * beta)
         if need_q:
-            q_bar = red.scale(VQ, wr=(2 / n) * g[:, None] * red.rowsq(UP)).transpose(-1, -2) @ V
+            q_bar = red.scale(VQ, wr=(2 / n) * g[:, None] * alpha).transpose(-1, -2) @ V
     else:
         A = data[0]
         if need_p:
-            AH = A if Q is None else A @ (Q.transpose(-1, -2) @ Q).unsqueeze(-3)
+            AH = A if Q is None else A @ red.mm(Q.transpose(-1, -2), Q)[0].unsqueeze(-3)
             S = (AH @ A.transpose(-1, -2)).mean(-3)
             p_bar = 2 * g[:, None, None] * (S @ P)
         if need_q:
-            GA = A if P is None else (P @ P.transpose(-1, -2)).unsqueeze(-3) @ A
+            GA = A if P is None else red.mm(P, P.transpose(-1, -2))[0].unsqueeze(-3) @ A
             T = (A.transpose(-1, -2) @ GA).mean(-3)
             q_bar = 2 * g[:, None, None] * (Q @ T)
     return p_bar, q_bar
 
 
 def _large_fwd(Ws, family, data, d_L, d_0, red):
-    """``terms (B, L)`` and the products to save, from ``Ws`` (B, d_j, d_{j-1})."""
-    P, Q = _chain_products(Ws)
-    terms = torch.stack([_large_terms(family, data, P[j], Q[j], d_L, d_0, Ws[0], red) for j in range(len(Ws))], -1)
-    return terms, P, Q
+    """``terms (B, L)``, the products ``P``, ``Q`` and their norms ``rp``, ``cq`` (``_large_chain``)."""
+    P, Q, rp, cq = _large_chain(Ws, family, red)
+    terms = torch.stack([_large_terms(family, data, P[j], Q[j], rp[j], cq[j], d_L, d_0, Ws[0], red)
+                         for j in range(len(Ws))], -1)
+    return terms, P, Q, rp, cq
 
 
-def _large_bwd(Ws, P, Q, grad, family, data, d_L, d_0, red):
+def _large_bwd(Ws, P, Q, rp, cq, grad, family, data, d_L, d_0, red):
     """Weight gradients (B, d_j, d_{j-1}) by reverse accumulation along both chains."""
     L = len(Ws)
     dW = [None] * L
@@ -610,7 +846,8 @@ def _large_bwd(Ws, P, Q, grad, family, data, d_L, d_0, red):
     p_acc = None
     q_bars = [None] * L
     for j in range(L):
-        p_bar, q_bars[j] = _large_bars(family, data, P[j], Q[j], grad[:, j], d_L, d_0, red, need_p=j < L - 1, need_q=j > 0)
+        p_bar, q_bars[j] = _large_bars(family, data, P[j], Q[j], rp[j], cq[j], grad[:, j], d_L, d_0, red,
+                                       need_p=j < L - 1, need_q=j > 0)
         if j > 0:
             dW[j] = p_acc if P[j] is None else P[j].transpose(-1, -2) @ p_acc
             if j < L - 1:
@@ -680,7 +917,7 @@ def _pack(weights, cdtype):
     return torch.cat([w.reshape(B, -1).to(cdtype) for w in weights], dim=1)
 
 
-def _saved_shapes(weights, plan):
+def _saved_shapes(weights, plan, family):
     """Shapes of the tensors the forward saves for the backward (also used by the fake kernel)."""
     B = math.prod(weights[0].shape[:-2])
     L = len(weights)
@@ -689,8 +926,11 @@ def _saved_shapes(weights, plan):
         D = _small_width(d)
         return [(B, L, D, D), (B, L, D, D), (B, sum(d[j + 1] * d[j] for j in range(L)))]
     if plan == "large":
-        # P_{L-1} = W_L and Q_2 = W_1 are the weights themselves: not saved
-        return [(B, d[L], d[j + 1]) for j in range(L - 2)] + [(B, d[j], d[0]) for j in range(2, L)]
+        # P_{L-1} = W_L and Q_2 = W_1 are the weights themselves: not saved; then the norms
+        # rowsq(P_j), j < L, and colsq(Q_j), j > 1, where the family reads them
+        need_r, need_c = _norms_needed(family)
+        return ([(B, d[L], d[j + 1]) for j in range(L - 2)] + [(B, d[j], d[0]) for j in range(2, L)]
+                + [(B, d[L])] * ((L - 1) * need_r) + [(B, d[0])] * ((L - 1) * need_c))
     return []
 
 
@@ -725,9 +965,11 @@ def _forward(weights: list[torch.Tensor], family: int, data: list[torch.Tensor],
         terms, P_ws, Q_ws = chain_small_fwd(W, _widths(weights), family, data,
                                             _dot_precision(weights[0].device, cdtype))
         return [terms.reshape(*batch, L).to(dtype), P_ws, Q_ws, W]
-    terms, P, Q = _large_fwd(_flat(weights, cdtype), family, data, d_L, d_0, _TritonReductions(block or 64))
+    red = _TritonReductions(block or None, _dot_precision(weights[0].device, cdtype))
+    terms, P, Q, rp, cq = _large_fwd(_flat(weights, cdtype), family, data, d_L, d_0, red)
     # P[L-2] = W_L and Q[1] = W_1 alias the inputs: the backward takes them from the weights
-    return [terms.reshape(*batch, L).to(dtype), *P[: max(L - 2, 0)], *Q[2:]]
+    norms = [r for r in rp if r is not None] + [c for c in cq if c is not None]
+    return [terms.reshape(*batch, L).to(dtype), *P[: max(L - 2, 0)], *Q[2:], *norms]
 
 
 def _backward_impl(weights: list[torch.Tensor], family: int, data: list[torch.Tensor], saved: list[torch.Tensor],
@@ -748,14 +990,19 @@ def _backward_impl(weights: list[torch.Tensor], family: int, data: list[torch.Te
                                 _dot_precision(weights[0].device, cdtype))]
     Ws = _flat(weights, cdtype)
     if plan == "large":
-        red = _TritonReductions(block or 64)
+        red = _TritonReductions(block or None, _dot_precision(weights[0].device, cdtype))
         k = max(L - 2, 0)
         P = list(saved[:k]) + ([Ws[L - 1]] if L > 1 else []) + [None]
-        Q = [None] + ([Ws[0]] if L > 1 else []) + list(saved[k:])
+        Q = [None] + ([Ws[0]] if L > 1 else []) + list(saved[k: 2 * k])
+        need_r, need_c = _norms_needed(family)
+        norms = list(saved[2 * k:])
+        rp = (norms[: L - 1] if need_r else [None] * (L - 1)) + [None]
+        cq = [None] + (norms[(L - 1) * need_r:] if need_c else [None] * (L - 1))
     else:  # reference: the products were not saved
         red = _TorchReductions()
         P, Q = _chain_products(Ws)
-    dW = _large_bwd(Ws, P, Q, g, family, data, d_L, d_0, red)
+        rp = cq = [None] * L
+    dW = _large_bwd(Ws, P, Q, rp, cq, g, family, data, d_L, d_0, red)
     return [d.reshape(w.shape).to(dtype) for d, w in zip(dW, weights)]
 
 
@@ -784,7 +1031,7 @@ def _forward_cpu(weights, family, data, path, block):
 def _forward_fake(weights, family, data, path, block):
     cdtype = _compute_dtype(weights[0].dtype)
     terms = weights[0].new_empty((*weights[0].shape[:-2], len(weights)))
-    return [terms] + [weights[0].new_empty(s, dtype=cdtype) for s in _saved_shapes(weights, _plan(weights, path))]
+    return [terms] + [weights[0].new_empty(s, dtype=cdtype) for s in _saved_shapes(weights, _plan(weights, path), family)]
 
 
 _layer_terms_backward_op = triton_op("flatkern::triton_layer_terms_backward", mutates_args=())(_backward_impl)
@@ -892,21 +1139,25 @@ def _family_data(measurements: Measurements, d_L: int, d_0: int, like: torch.Ten
     raise TypeError(f"the triton backend has no kernel for measurements of type {type(measurements).__name__}")
 
 
-def layer_terms(weights: list[torch.Tensor], measurements: Measurements, *, path: str = "auto",
-                block: int | None = None) -> torch.Tensor:
+def layer_terms(weights: list[torch.Tensor], measurements: Measurements, *, scale: float = 1.0,
+                sum_layers: bool = False, path: str = "auto", block: int | None = None) -> torch.Tensor:
     """Per-layer contractions ``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²`` by the Triton kernels.
 
     Args:
         weights: ``[W_1, ..., W_L]``, ``W_j`` of shape ``(..., d_j, d_{j-1})`` (validated by the caller).
         measurements: any family of ``flatkern.measurements``.
+        scale: multiplies every term (``flatkern.hessian_trace`` passes 2 or 2n).
+        sum_layers: return ``scale · Σ_j c_j``, shape ``(...)``, instead of the terms.
         path: ``"auto"`` (single-program kernels when every width is at most
             ``SMALL_MAX_WIDTH`` and the depth at most ``MAX_SMALL_DEPTH``, else
             tiled), ``"small"`` (an error when the chain does not fit) or ``"large"``.
-        block: tile size of the large path's kernels (default 64); tests use
-            small tiles so that several are exercised.
+        block: tile size of the large path's kernels (default: 128 x 128 x 32 GEMM
+            tiles, 64 for the other kernels); tests use small tiles so that several are
+            exercised.
 
     Returns:
-        ``(..., L)`` in the weights' dtype, differentiable with respect to the weights.
+        ``(..., L)`` (``(...)`` with ``sum_layers``) in the weights' dtype, differentiable
+        with respect to the weights.
     """
     if path not in _PATHS:
         raise ValueError(f"path must be one of {tuple(_PATHS)}, got {path!r}")
@@ -921,8 +1172,12 @@ def layer_terms(weights: list[torch.Tensor], measurements: Measurements, *, path
     family, data = _family_data(measurements, d_L, d_0, weights[0])
     weights = list(weights)
     if torch.compiler.is_compiling():
-        return torch.ops.flatkern.triton_layer_terms(weights, family, data, _PATHS[path], block or 0)[0]
-    return _LayerTerms.apply(family, _PATHS[path], block or 0, len(weights), *weights, *data)[0]
+        terms = torch.ops.flatkern.triton_layer_terms(weights, family, data, _PATHS[path], block or 0)[0]
+    else:
+        terms = _LayerTerms.apply(family, _PATHS[path], block or 0, len(weights), *weights, *data)[0]
+    if scale != 1.0:
+        terms = terms * scale
+    return terms.sum(-1) if sum_layers else terms
 
 
 def end_to_end(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -935,9 +1190,10 @@ def end_to_end(weights: list[torch.Tensor]) -> torch.Tensor:
     return end_to_end_ref(weights)
 
 
-def layer_terms_and_end_to_end(weights: list[torch.Tensor], measurements: Measurements):
-    """``(layer_terms(weights, measurements), end_to_end(weights))`` for ``flatkern.objective``.
+def layer_terms_and_end_to_end(weights: list[torch.Tensor], measurements: Measurements, *, scale: float = 1.0,
+                               sum_layers: bool = False):
+    """``(layer_terms(weights, measurements, ...), end_to_end(weights))`` for ``flatkern.objective``.
 
     Not fused yet: the two run separately, each forming the prefix chain.
     """
-    return layer_terms(weights, measurements), end_to_end(weights)
+    return layer_terms(weights, measurements, scale=scale, sum_layers=sum_layers), end_to_end(weights)

@@ -273,12 +273,21 @@ class Dense(Measurements):
         With it ``contract = Σ K[a,b,c,d] (P Pᵀ)[a,c] (Qᵀ Q)[d,b]`` costs
         ``O((d_0 d_L)²)`` instead of ``O(n d_0 d_L (d_0 + d_L))``: the better
         choice when ``n > d_0 d_L`` and the measurements are reused across steps.
-        Cached; recomputed if ``A`` is modified in place.
+        Cached; recomputed if ``A`` is modified in place.  A (non-contiguous) view
+        of the one cached copy, which ``_kernel_pairs`` stores in the layout the
+        C++ backend reads.
+        """
+        return self._kernel_pairs().permute(0, 2, 1, 3)
+
+    def _kernel_pairs(self) -> torch.Tensor:
+        """``K`` as ``Kp[a, c, b, d] = K[a, b, c, d]``, contiguous, shape ``(d_L, d_L, d_0, d_0)``.
+
+        In this layout ``Σ_{b,d} K[a,b,c,d] G[b,d]`` (G symmetric) is one
+        matrix-vector product of ``Kp`` viewed as ``(d_L², d_0²)`` with ``vec(G)``.
         """
         version = (self.A._version, self.A.data_ptr())
         if getattr(self, "_kernel_version", None) != version:
-            flat = self.A.reshape(self.n, -1)
-            self._kernel = (flat.T @ flat / self.n).reshape(*self.A.shape[1:], *self.A.shape[1:])
+            self._kernel = (torch.einsum("iab,icd->acbd", self.A, self.A) / self.n).contiguous()
             self._kernel_version = version
         return self._kernel
 

@@ -81,6 +81,17 @@ def test_dense_uses_the_kernel_exactly_when_n_exceeds_d0_dL():
     torch.testing.assert_close(cpp._encode(many, 3, 4)[1], 4 * Kp)
 
 
+def test_dense_kernel_is_one_cached_copy_that_the_cpp_backend_reads():
+    meas = measurements_for("dense", 3, 4, n=13)
+    # K[a, b, c, d] = (1/n) Σ_i A_i[a, b] A_i[c, d], written as a sum of outer products
+    expected = sum(torch.outer(Ai.flatten(), Ai.flatten()) for Ai in meas.A).reshape(3, 4, 3, 4) / 13
+    K = meas.kernel()
+    torch.testing.assert_close(K, expected, rtol=1e-12, atol=1e-12)
+    _, Kp, _ = cpp._encode(meas, 3, 4)
+    assert Kp.is_contiguous() and Kp.data_ptr() == K.data_ptr()  # no second copy of K in memory
+    assert meas.kernel().data_ptr() == K.data_ptr()  # cached
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_hessian_trace_backend_cpp_matches_autograd_hessian(kind, reduction):

@@ -108,11 +108,9 @@ def _encode(measurements: Measurements, d_L: int, d_0: int):
         A = measurements.A
         if measurements.n > d_0 * d_L:
             # MATH.md cost model: through K = (1/n) Σ vec(A_i) vec(A_i)ᵀ, O((d_0 d_L)²) per layer
-            # instead of O(n d_0 d_L (d_0 + d_L)); K[a,b,c,d] is permuted to (a,c,b,d) so that
-            # each contraction with a Gram is one matrix-vector product
-            Kp = _cached(measurements, "_flatkern_cpp_Kp", A,
-                         lambda: measurements.kernel().permute(0, 2, 1, 3).contiguous())
-            return _DENSE_KERNEL, Kp, None
+            # instead of O(n d_0 d_L (d_0 + d_L)); Dense caches K in the (a,c,b,d) layout in
+            # which each contraction with a Gram is one matrix-vector product
+            return _DENSE_KERNEL, measurements._kernel_pairs(), None
         # (d_L, n, d_0): Σ_i A_i G A_iᵀ and Σ_i A_iᵀ G A_i become two plain matrix products each
         Ap = _cached(measurements, "_flatkern_cpp_Ap", A, lambda: A.permute(1, 0, 2).contiguous())
         return _DENSE, Ap, None

@@ -10,6 +10,7 @@ timed in the same run.
     python bench/bench_cpu_kernels.py            # full table (a few minutes, most of it torch.compile)
     python bench/bench_cpu_kernels.py --quick    # fewer repeats, no torch.compile
     python bench/bench_cpu_kernels.py --threads 1
+    python bench/bench_cpu_kernels.py --only large --rounds 7   # the cases whose title contains "large"
 
 Timing: providers are interleaved round-robin (the machine is shared and
 noisy), each round times a block of calls, and the median over rounds is kept.
@@ -136,6 +137,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer rounds and no torch.compile")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--only", default=None, help="run only the cases whose title contains this text")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (5 if args.quick else 15)
@@ -144,6 +146,8 @@ def main():
     print("| case | provider | wall time | vs torch eager | vs torch.compile | CPU time | CPU vs torch eager |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for title, ws, meas, compile_ref, bare in cases(args.quick):
+        if args.only is not None and args.only not in title:
+            continue
         providers = {"torch eager": fwd_bwd("torch", meas)}
         if compile_ref and not args.quick:
             providers["torch.compile"] = compiled_reference(meas)
@@ -153,7 +157,7 @@ def main():
         if bare:
             providers["bare torch.mm (12 GEMMs)"] = bare_matmuls_isotropic
         check_agreement(providers, ws, rtol=1e-3)
-        r = rounds if not bare else max(3, rounds // 3)
+        r = rounds if not bare or args.rounds else max(3, rounds // 3)
         times = time_providers(providers, ws, r, min_block_s=0.05 if not bare else 0.0)
         base_wall, base_cpu = times["torch eager"]
         comp = times.get("torch.compile", (None,))[0]

@@ -63,17 +63,22 @@ def unregularized(meas, b, backend):
     return step
 
 
-def unregularized_torch_optim(meas, b):
+def optimizer_step(meas, b, make_optimizer):
+    """``mse_loss`` backward, then ``step``/``zero_grad`` of ``make_optimizer(ws)``, one per weight set."""
     opts = {}
 
     def step(ws):
         key = tuple(id(w) for w in ws)
         if key not in opts:  # built by the warm-up call, outside the timed region
-            opts[key] = torch.optim.SGD(ws, lr=LR)
+            opts[key] = make_optimizer(ws)
         fk.mse_loss(ws, meas, b).backward()
         opts[key].step()
         opts[key].zero_grad()
     return step
+
+
+def unregularized_torch_optim(meas, b):
+    return optimizer_step(meas, b, lambda ws: torch.optim.SGD(ws, lr=LR))
 
 
 def regularized_objective(meas, b, backend):
@@ -85,17 +90,7 @@ def regularized_objective(meas, b, backend):
 
 
 def regularized_optimizer(meas, b):
-    opts = {}
-
-    def step(ws):
-        key = tuple(id(w) for w in ws)
-        if key not in opts:  # built by the warm-up call, outside the timed region
-            opts[key] = FlatnessRegularized(ws, torch.optim.SGD, lam=LAM, measurements=meas, lr=LR)
-        opt = opts[key]
-        fk.mse_loss(ws, meas, b).backward()
-        opt.step()
-        opt.zero_grad()
-    return step
+    return optimizer_step(meas, b, lambda ws: FlatnessRegularized(ws, torch.optim.SGD, lam=LAM, measurements=meas, lr=LR))
 
 
 def regularized_reference(meas, b):

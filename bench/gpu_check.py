@@ -65,6 +65,9 @@ import flatkern as fk  # noqa: E402
 from flatkern.kernels import triton_chain as tc  # noqa: E402
 from flatkern.reference import hessian_trace_ref, layer_terms_ref  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import terms_and_grads  # noqa: E402  (the tests' random-functional gradient check)
+
 DEV = torch.device(ARGS.device)
 T0 = time.perf_counter()
 DEADLINE = T0 + ARGS.budget
@@ -112,14 +115,6 @@ def measurements(family, d_L, d_0, n, dtype=torch.float32, seed=1):
 
 FAMILIES = ["isotropic", "entries", "rankone", "dense", "inputs"]
 N_MEAS = {"isotropic": 1, "entries": 200, "rankone": 100, "dense": 16, "inputs": 64}
-
-
-def terms_and_grads(fn, W, meas, seed=0):
-    terms = fn(W, meas)
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(terms.shape, generator=g).to(torch.bfloat16).to(terms)
-    grads = torch.autograd.grad((terms * weight).sum(), W)
-    return terms.detach(), grads
 
 
 # ------------------------------------------------------------------ 1. correctness

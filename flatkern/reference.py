@@ -61,6 +61,14 @@ def _layer_terms_from_chain(weights: list[torch.Tensor], measurements: Measureme
     return torch.stack(terms, dim=-1)
 
 
+def scaled_terms(terms: torch.Tensor, scale: float, sum_layers: bool) -> torch.Tensor:
+    """``scale · terms`` (``(..., L)``), or ``scale · Σ_j terms_j`` (``(...)``) with ``sum_layers``:
+    the ``scale``/``sum_layers`` contract of every backend's ``layer_terms``."""
+    if scale != 1.0:
+        terms = terms * scale
+    return terms.sum(-1) if sum_layers else terms
+
+
 def layer_terms_ref(weights: list[torch.Tensor], measurements: Measurements, *, scale: float = 1.0,
                     sum_layers: bool = False) -> torch.Tensor:
     """Per-layer contractions ``scale · c_j``, ``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²``, shape ``(..., L)``.
@@ -68,10 +76,7 @@ def layer_terms_ref(weights: list[torch.Tensor], measurements: Measurements, *, 
     The MSE trace of the Hessian is ``2 Σ_j c_j`` (``reduction="mean"``);
     ``sum_layers`` returns ``scale · Σ_j c_j``, shape ``(...)``.
     """
-    terms = _layer_terms_from_chain(weights, measurements, *chain_products_ref(weights))
-    if scale != 1.0:
-        terms = terms * scale
-    return terms.sum(-1) if sum_layers else terms
+    return scaled_terms(_layer_terms_from_chain(weights, measurements, *chain_products_ref(weights)), scale, sum_layers)
 
 
 def layer_terms_and_end_to_end_ref(weights: list[torch.Tensor], measurements: Measurements, *, scale: float = 1.0,
@@ -83,10 +88,7 @@ def layer_terms_and_end_to_end_ref(weights: list[torch.Tensor], measurements: Me
     """
     P, Q = chain_products_ref(weights)
     E = weights[0] if Q[-1] is None else weights[-1] @ Q[-1]
-    terms = _layer_terms_from_chain(weights, measurements, P, Q)
-    if scale != 1.0:
-        terms = terms * scale
-    return (terms.sum(-1) if sum_layers else terms), E
+    return scaled_terms(_layer_terms_from_chain(weights, measurements, P, Q), scale, sum_layers), E
 
 
 def hessian_trace_ref(

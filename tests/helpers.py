@@ -58,3 +58,13 @@ def autograd_hessian_trace(weights, measurements, targets, reduction="mean", per
     H = torch.func.hessian(loss, argnums=tuple(range(L)))(*weights)
     blocks = torch.stack([H[j][j].reshape(weights[j].numel(), -1).diagonal().sum() for j in range(L)])
     return blocks if per_layer else blocks.sum()
+
+
+def terms_and_grads(fn, W, meas, seed=0):
+    """``fn(W, meas)`` and the gradient of a random linear functional of it."""
+    terms = fn(W, meas)
+    g = torch.Generator().manual_seed(seed)
+    # bf16-representable, so that every dtype differentiates the same functional
+    weight = torch.randn(terms.shape, generator=g).to(torch.bfloat16).to(terms)
+    grads = torch.autograd.grad((terms * weight).sum(), W)
+    return terms.detach(), grads

@@ -22,7 +22,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 triton = pytest.importorskip("triton")
 
-from helpers import DIMS, FAMILIES, autograd_hessian_trace, make_measurements, make_weights  # noqa: E402
+from helpers import DIMS, FAMILIES, autograd_hessian_trace, make_measurements, make_weights, terms_and_grads  # noqa: E402
 
 import flatkern as fk  # noqa: E402
 from flatkern.kernels import triton_chain as tc  # noqa: E402
@@ -53,21 +53,11 @@ def _problem(family, dims, batch=(), dtype=torch.float64, seed=0):
     return W, meas.to(DEVICE), targets.to(DEVICE)
 
 
-def _terms_and_grads(fn, W, meas, seed=0):
-    """``fn(W, meas)`` and the gradient of a random linear functional of it."""
-    terms = fn(W, meas)
-    g = torch.Generator().manual_seed(seed)
-    # bf16-representable, so that every dtype differentiates the same functional
-    weight = torch.randn(terms.shape, generator=g).to(torch.bfloat16).to(terms)
-    grads = torch.autograd.grad((terms * weight).sum(), W)
-    return terms.detach(), grads
-
-
 def _assert_matches_reference(W, meas, dtype=torch.float64, **kw):
     ref_W = [w.detach().double().requires_grad_() for w in W]
     ref_meas = meas.to(torch.float64)
-    expected, expected_grads = _terms_and_grads(layer_terms_ref, ref_W, ref_meas)
-    got, grads = _terms_and_grads(lambda w, m: tc.layer_terms(w, m, **kw), W, meas)
+    expected, expected_grads = terms_and_grads(layer_terms_ref, ref_W, ref_meas)
+    got, grads = terms_and_grads(lambda w, m: tc.layer_terms(w, m, **kw), W, meas)
     atol, rtol = TOL[dtype]
     assert got.dtype == dtype and got.shape == expected.shape
     torch.testing.assert_close(got.double(), expected, atol=atol, rtol=rtol)
@@ -137,10 +127,10 @@ def test_float32_terms_and_gradients_match_float64_reference(family, path):
 def test_low_precision_error_is_at_most_twice_the_plain_torch_error(dtype, family):
     # the kernels accumulate in fp32; plain torch rounds every product to the low precision
     W, meas, _ = _problem(family, [6, 9, 7, 5], dtype=dtype, seed=3)
-    exact, exact_grads = _terms_and_grads(layer_terms_ref, [w.detach().double().requires_grad_() for w in W],
+    exact, exact_grads = terms_and_grads(layer_terms_ref, [w.detach().double().requires_grad_() for w in W],
                                           meas.to(torch.float64))
-    torch_bf16, torch_grads = _terms_and_grads(layer_terms_ref, W, meas)
-    got, grads = _terms_and_grads(tc.layer_terms, W, meas)
+    torch_bf16, torch_grads = terms_and_grads(layer_terms_ref, W, meas)
+    got, grads = terms_and_grads(tc.layer_terms, W, meas)
     assert got.dtype == dtype and all(g.dtype == dtype for g in grads)
 
     def err(a, b):
@@ -175,7 +165,7 @@ def test_batched_trace_matches_reference_per_problem(family):
 
 def test_depth_one_trace_is_constant_with_zero_gradient():
     W, meas, _ = _problem("dense", [5, 3])
-    terms, (grad,) = _terms_and_grads(tc.layer_terms, W, meas)
+    terms, (grad,) = terms_and_grads(tc.layer_terms, W, meas)
     torch.testing.assert_close(terms, layer_terms_ref(W, meas).detach())
     assert torch.count_nonzero(grad) == 0
 
@@ -203,8 +193,8 @@ def test_registered_op_autograd_matches_reference(path):
     # compiled graphs call the registered op and its registered autograd, not the eager Function
     W, meas, _ = _problem("rankone", [3, 5, 4, 2], batch=(2,))
     family, data = tc._family_data(meas, 2, 3, W[0])
-    expected, expected_grads = _terms_and_grads(layer_terms_ref, W, meas)
-    got, grads = _terms_and_grads(lambda w, m: torch.ops.flatkern.triton_layer_terms(w, family, data, path, 16)[0],
+    expected, expected_grads = terms_and_grads(layer_terms_ref, W, meas)
+    got, grads = terms_and_grads(lambda w, m: torch.ops.flatkern.triton_layer_terms(w, family, data, path, 16)[0],
                                   W, meas)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
     for a, b in zip(grads, expected_grads):
@@ -216,8 +206,8 @@ def test_cpu_registration_without_interpreter_runs_the_reference(monkeypatch):
     W = [w.cpu().detach().requires_grad_() for w in make_weights([3, 5, 4, 2])]
     meas, _ = make_measurements("rankone", 2, 3)
     assert tc.unavailable_reason(torch.device("cpu")) is not None
-    expected, expected_grads = _terms_and_grads(layer_terms_ref, W, meas)
-    got, grads = _terms_and_grads(tc.layer_terms, W, meas)
+    expected, expected_grads = terms_and_grads(layer_terms_ref, W, meas)
+    got, grads = terms_and_grads(tc.layer_terms, W, meas)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
@@ -239,11 +229,11 @@ def test_torch_compile_traces_the_op_with_its_autograd():
     def trace(*w):
         return fk.hessian_trace(list(w), meas, backend="triton").sum()
 
-    expected, expected_grads = _terms_and_grads(lambda w, m: trace(*w), W, meas)
+    expected, expected_grads = terms_and_grads(lambda w, m: trace(*w), W, meas)
     # AOT tracing runs the interpreter on fake tensors, so on CPU only dynamo's capture is checked;
     # on a GPU inductor traces into the Triton kernels
     compiled = torch.compile(trace, backend="inductor" if DEVICE.type == "cuda" else "eager")
-    got, grads = _terms_and_grads(lambda w, m: compiled(*w), W, meas)
+    got, grads = terms_and_grads(lambda w, m: compiled(*w), W, meas)
     torch.testing.assert_close(got, expected)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b)

@@ -359,7 +359,16 @@ struct Layout {
     size = off + L * stat_size;
   }
   int64_t dmax() const { return *std::max_element(d.begin(), d.end()); }
+  int64_t w_size(int64_t j) const { return d[j] * d[j - 1]; }  // entries of one problem's W_j
 };
+
+// W_j of problem 0, index j = 1..L; problem p's W_j starts lay.w_size(j) * p further on
+template <typename T>
+std::vector<const T*> layer_bases(at::TensorList weights) {
+  std::vector<const T*> W0(weights.size() + 1);
+  for (size_t j = 1; j <= weights.size(); ++j) W0[j] = weights[j - 1].data_ptr<T>();
+  return W0;
+}
 
 // Measurement operands of one call, as raw pointers (checked before use).
 template <typename T>
@@ -622,16 +631,14 @@ void forward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, i
                   T* terms, T* E, T* saved) {
   const int64_t L = lay.L, dL = lay.d[L], d0 = lay.d[0];
   const int64_t wsize = forward_work_size(m, lay);
-  std::vector<const T*> W0(L + 1);
-  std::vector<int64_t> wstride(L + 1);
-  for (int64_t j = 1; j <= L; ++j) W0[j] = weights[j - 1].data_ptr<T>(), wstride[j] = lay.d[j] * lay.d[j - 1];
+  const std::vector<const T*> W0 = layer_bases<T>(weights);
 
   SequentialBlasIfSmall sequential(lay.dmax(), may_call_blas(m));
   at::parallel_for(0, B, grain_size(lay), [&](int64_t begin, int64_t end) {
     std::unique_ptr<T[]> work(new T[wsize]);
     std::vector<const T*> W(L + 1), Q(L + 1), P(L + 1);
     for (int64_t p = begin; p < end; ++p) {
-      for (int64_t j = 1; j <= L; ++j) W[j] = W0[j] + p * wstride[j];
+      for (int64_t j = 1; j <= L; ++j) W[j] = W0[j] + p * lay.w_size(j);
       T* sv = saved + p * lay.size;
       // prefix chain: Q_1 = I, Q_2 = W_1, Q_{j+1} = W_j Q_j
       Q[1] = nullptr;
@@ -788,9 +795,7 @@ void backward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, 
   for (int64_t j = 2; j <= L; ++j) qmax = std::max(qmax, lay.d[j - 1] * d0);
   for (int64_t j = 1; j <= L - 1; ++j) pmax = std::max(pmax, dL * lay.d[j]);
   const int64_t wsize = backward_work_size(m, lay);
-  std::vector<const T*> W0(L + 1);
-  std::vector<int64_t> wstride(L + 1);
-  for (int64_t j = 1; j <= L; ++j) W0[j] = weights[j - 1].data_ptr<T>(), wstride[j] = lay.d[j] * lay.d[j - 1];
+  const std::vector<const T*> W0 = layer_bases<T>(weights);
 
   SequentialBlasIfSmall sequential(lay.dmax(), may_call_blas(m));
   at::parallel_for(0, B, grain_size(lay), [&](int64_t begin, int64_t end) {
@@ -800,7 +805,7 @@ void backward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, 
     std::vector<T*> G(L + 1);
     std::vector<T> g(L);  // ∂/∂c_j of the output's cotangent
     for (int64_t p = begin; p < end; ++p) {
-      for (int64_t j = 1; j <= L; ++j) W[j] = W0[j] + p * wstride[j], G[j] = grads0[j] + p * wstride[j];
+      for (int64_t j = 1; j <= L; ++j) W[j] = W0[j] + p * lay.w_size(j), G[j] = grads0[j] + p * lay.w_size(j);
       const T* sv = saved + p * lay.size;
       for (int64_t j = 0; j < L; ++j) g[j] = scale * (sum_layers ? grad_terms[p] : grad_terms[p * L + j]);
       const T* gE = grad_E ? grad_E + p * dL * d0 : nullptr;
@@ -808,7 +813,7 @@ void backward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, 
       if (L == 1) {
         // c_1 is a constant (P_1 = Q_1 = I); only E = W_1 carries a gradient
         if (gE) std::memcpy(G[1], gE, sizeof(T) * dL * d0);
-        else std::fill(G[1], G[1] + wstride[1], T(0));
+        else std::fill(G[1], G[1] + lay.w_size(1), T(0));
         continue;
       }
       // Each G_j is first written (beta = 0) by the prefix chain, which reaches every
@@ -830,7 +835,7 @@ void backward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, 
       }
       for (int64_t j = L - 1; j >= 1; --j) {  // cur = barQ_{j+1}, (d_j, d_0)
         if (j == 1) {
-          scale_into(G[1], T(1), cur, wstride[1]);
+          scale_into(G[1], T(1), cur, lay.w_size(1));
           break;
         }
         mm<T>(false, true, lay.d[j], lay.d[j - 1], d0, 1, cur, Q[j], 0, G[j]);
@@ -845,8 +850,8 @@ void backward_impl(at::TensorList weights, const Meas<T>& m, const Layout& lay, 
       family_grad_P(m, lay, 1, g[0], P[1], stats(1), cur, work.get());
       for (int64_t j = 2; j <= L; ++j) {  // cur = barP_{j-1}, (d_L, d_{j-1})
         if (j == L) {
-          if (gE) add_into(G[L], cur, wstride[L]);
-          else scale_into(G[L], T(1), cur, wstride[L]);
+          if (gE) add_into(G[L], cur, lay.w_size(L));
+          else scale_into(G[L], T(1), cur, lay.w_size(L));
           break;
         }
         mm<T>(true, false, lay.d[j], lay.d[j - 1], dL, 1, P[j], cur, 1, G[j]);

@@ -68,7 +68,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..measurements import Dense, Entries, Inputs, Isotropic, Measurements, RankOne
-from ..reference import chain_products_ref, end_to_end_ref, layer_terms_ref
+from ..reference import chain_products_ref, end_to_end_ref, layer_terms_ref, scaled_terms
 
 __all__ = ["unavailable_reason", "end_to_end", "layer_terms", "SMALL_MAX_WIDTH"]
 
@@ -1175,9 +1175,7 @@ def layer_terms(weights: list[torch.Tensor], measurements: Measurements, *, scal
         terms = torch.ops.flatkern.triton_layer_terms(weights, family, data, _PATHS[path], block or 0)[0]
     else:
         terms = _LayerTerms.apply(family, _PATHS[path], block or 0, len(weights), *weights, *data)[0]
-    if scale != 1.0:
-        terms = terms * scale
-    return terms.sum(-1) if sum_layers else terms
+    return scaled_terms(terms, scale, sum_layers)
 
 
 def end_to_end(weights: list[torch.Tensor]) -> torch.Tensor:

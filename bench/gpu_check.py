@@ -6,15 +6,19 @@
 
 1. Correctness: ``backend="triton"`` against the float64 plain-torch reference
    (terms and weight gradients) for the five measurement families, on the
-   small path (one program per problem; widths up to 32, and batched d = 64 and
-   d = 128, its K-chunked products) and the large path (the Triton GEMM with
-   the norms in its epilogue), at sizes up to d = 2048.
+   small path (one program per problem; widths up to 32, batched d = 64 and
+   d = 128, its K-chunked products, and depths 15 and 24, past the old 12-layer
+   cap) and the large path (the Triton GEMM with the norms in its epilogue), at
+   sizes up to d = 2048.
 2. Speed, forward + backward of the trace, same inputs, one run:
-   triton; the plain-torch reference eager; the reference under
+   triton; ``hessian_trace_and_grad`` (the value and the gradient in one
+   call, no graph); the plain-torch reference eager; the reference under
    ``torch.compile`` (modes ``max-autotune-no-cudagraphs`` and
    ``reduce-overhead``); triton under ``torch.compile(mode="reduce-overhead")``;
    and the floor: the ``6 (L - 2)`` bare ``torch.mm``/``torch.bmm`` the
    method must do (forward ``2 (L-2)``, backward ``4 (L-2)``), same precision.
+   Timed with the repository's one harness (``flatkern.benchmarks.timing``):
+   the providers of a regime run interleaved round-robin, medians over rounds.
    Regimes of the issue: ``B=1024, d=32, L=4``; one problem ``d=30, L=3``;
    one problem ``d=8192, L=4`` with ``Isotropic`` and ``Entries`` (10^7 entries);
    then the wide small path, ``B=256, d=64`` and ``B=128, d=128``, ``L=4``.
@@ -62,7 +66,8 @@ if ARGS.device == "cuda" and not torch.cuda.is_available():
              "`TRITON_INTERPRET=1 python bench/gpu_check.py --device cpu --tiny`.")
 
 import flatkern as fk  # noqa: E402
-from flatkern.kernels import triton_chain as tc  # noqa: E402
+from flatkern.benchmarks.timing import interleave  # noqa: E402
+from flatkern.kernels import triton as tt  # noqa: E402
 from flatkern.reference import hessian_trace_ref, layer_terms_ref  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -125,7 +130,8 @@ def check_case(label, family, dims, batch, path, block, n, dtype=torch.float32, 
     meas = measurements(family, dims[-1], dims[0], n, dtype)
     exact, exact_g = terms_and_grads(layer_terms_ref, [w.detach().double().requires_grad_() for w in W],
                                      meas.to(torch.float64))
-    got, got_g = terms_and_grads(lambda w, m: tc.layer_terms(w, m, path=path, block=block), W, meas)
+    got, got_g = terms_and_grads(
+        lambda w, m: tt.layer_terms(w, m.family, list(m.operands), path=path, block=block)[0], W, meas)
 
     def rel(a, b):
         return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
@@ -154,7 +160,8 @@ def correctness():
     # or the depth.
     if ARGS.tiny:
         small = [([5, 7, 3, 6, 4], (2,), FAMILIES), ([7, 8, 5, 6], (), ["isotropic"]), ([5, 3], (), ["isotropic"]),
-                 ([37, 40, 33, 38], (2,), ["isotropic", "dense"])]
+                 ([37, 40, 33, 38], (2,), ["isotropic", "dense"]),
+                 ([3, 5, 4, 2, 6] * 3 + [3], (2,), ["entries"])]  # depth 15: beyond the old 12-layer cap
         large = [([37, 20, 45, 18], (2,))]
         block = 16
         big = []
@@ -162,7 +169,8 @@ def correctness():
         small = [([30, 32, 31, 29, 28], (8,), FAMILIES), ([17, 32, 9, 31], (4,), ["isotropic"]),
                  ([5, 3], (), ["isotropic"]),
                  ([64, 64, 64, 64, 64], (64,), ["isotropic", "rankone", "dense"]),
-                 ([100, 128, 97, 120, 128], (32,), ["isotropic", "entries", "inputs"])]
+                 ([100, 128, 97, 120, 128], (32,), ["isotropic", "entries", "inputs"]),
+                 ([30, 32, 31, 29] * 6 + [28], (16,), ["isotropic", "rankone"])]  # depth 24
         large = [([300, 257, 310, 290], (2,)), ([17, 128, 100, 64], (4,))]
         block = None
         big = [([2048, 2048, 2048, 2048], ())]
@@ -182,48 +190,37 @@ def correctness():
 # ------------------------------------------------------------------ 2. speed
 
 
-def timed(fn, reps, warmup):
-    for _ in range(warmup):
-        fn()
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / reps * 1e3
-
-
 def regimes():
     """Speed cases in priority order (the time guard drops the last ones first)."""
     if ARGS.tiny:
         return [
             dict(name="batched B=4 d=8 L=4", batch=(4,), dims=[8] * 5, family="isotropic", n=1, path="small",
-                 reps=2, warmup=1, compile=True),
+                 rounds=2, warmup=1, compile=True),
             dict(name="single d=7 L=3", batch=(), dims=[7] * 4, family="isotropic", n=1, path="small",
-                 reps=2, warmup=1, compile=True),
+                 rounds=2, warmup=1, compile=True),
             dict(name="large d=40 L=4", batch=(), dims=[40] * 5, family="isotropic", n=1, path="large",
-                 reps=1, warmup=1, compile=False),
+                 rounds=1, warmup=1, compile=False),
             dict(name="large d=40 L=4", batch=(), dims=[40] * 5, family="entries", n=300, path="large",
-                 reps=1, warmup=1, compile=False),
+                 rounds=1, warmup=1, compile=False),
             dict(name="batched B=2 d=40 L=3", batch=(2,), dims=[37, 40, 33, 38], family="isotropic", n=1,
-                 path="small", reps=1, warmup=1, compile=False),
+                 path="small", rounds=1, warmup=1, compile=False),
         ]
     return [
         dict(name="batched B=1024 d=32 L=4", batch=(1024,), dims=[32] * 5, family="isotropic", n=1, path="auto",
-             reps=50, warmup=5, compile=True),
+             rounds=15, warmup=5, compile=True),
         dict(name="single d=30 L=3", batch=(), dims=[30] * 4, family="isotropic", n=1, path="auto",
-             reps=100, warmup=10, compile=True),
+             rounds=20, warmup=10, compile=True),
         dict(name="large d=8192 L=4", batch=(), dims=[8192] * 5, family="isotropic", n=1, path="auto",
-             reps=3, warmup=1, compile=False),
+             rounds=3, warmup=1, compile=False),
         dict(name="large d=8192 L=4", batch=(), dims=[8192] * 5, family="entries", n=10_000_000, path="auto",
-             reps=3, warmup=1, compile=False),
+             rounds=3, warmup=1, compile=False),
         dict(name="batched B=1024 d=32 L=4", batch=(1024,), dims=[32] * 5, family="entries", n=200, path="auto",
-             reps=50, warmup=5, compile=True),
+             rounds=15, warmup=5, compile=True),
         # the wide small path (kernels compiled by the correctness step); no torch.compile, for time
         dict(name="batched B=256 d=64 L=4", batch=(256,), dims=[64] * 5, family="isotropic", n=1, path="auto",
-             reps=20, warmup=3, compile=False),
+             rounds=10, warmup=3, compile=False),
         dict(name="batched B=128 d=128 L=4", batch=(128,), dims=[128] * 5, family="isotropic", n=1, path="auto",
-             reps=20, warmup=3, compile=False),
+             rounds=10, warmup=3, compile=False),
     ]
 
 
@@ -248,7 +245,8 @@ def providers(reg, family, W, meas):
 
     def triton_trace(*w):
         if ARGS.tiny:  # force the path under test at tiny sizes
-            return 2 * tc.layer_terms(list(w), meas, path=path, block=16).sum()
+            return tt.layer_terms(list(w), meas.family, list(meas.operands), scale=2.0, sum_layers=True,
+                                  path=path, block=16)[0].sum()
         return fk.hessian_trace(list(w), meas, backend="triton").sum()
 
     def ref_trace(*w):
@@ -259,7 +257,13 @@ def providers(reg, family, W, meas):
             torch.autograd.grad(f(*W), W)
         return run
 
-    out = [("triton", lambda: fwd_bwd(triton_trace)), ("torch eager", lambda: fwd_bwd(ref_trace))]
+    def value_and_grad():
+        fk.hessian_trace_and_grad(W, meas, backend="triton")
+
+    out = [("triton", lambda: fwd_bwd(triton_trace))]
+    if not ARGS.tiny:  # (at tiny sizes the path under test is forced through the eager entry)
+        out.append(("triton hessian_trace_and_grad", lambda: value_and_grad))
+    out.append(("torch eager", lambda: fwd_bwd(ref_trace)))
     if reg["compile"]:
         for mode in ("max-autotune-no-cudagraphs", "reduce-overhead"):
             out.append((f"torch.compile {mode}", lambda mode=mode: fwd_bwd(torch.compile(ref_trace, mode=mode))))
@@ -268,6 +272,10 @@ def providers(reg, family, W, meas):
             out.append(("triton + compile reduce-overhead",
                         lambda: fwd_bwd(torch.compile(triton_trace, mode="reduce-overhead"))))
     return out
+
+
+# seconds each timed block lasts at least (the harness sizes the block once); 0 in the interpreter
+MIN_BLOCK_S = 0.0 if ARGS.tiny else 0.02
 
 
 def speed():
@@ -283,7 +291,8 @@ def speed():
         except Exception as exc:  # e.g. out of memory: say so and go on
             RESULTS["errors"].append(f"{label} setup: {type(exc).__name__}: {exc}")
             continue
-        rows = {}
+        # build and warm up each provider (compiling happens here), then time them all interleaved
+        fns, setup = {}, {}
         for name, make in providers(reg, family, W, meas):
             # compiling costs tens of seconds: keep a margin for the rest
             if left() < (60 if "compile" in name else 15):
@@ -291,26 +300,34 @@ def speed():
                 continue
             try:
                 t = time.perf_counter()
-                ms = timed(make(), reg["reps"], reg["warmup"])
-                rows[name] = ms
-                RESULTS["timings"].append(dict(regime=label, provider=name, ms=ms,
-                                               seconds_incl_setup=time.perf_counter() - t))
+                fn = make()
+                for _ in range(reg["warmup"]):
+                    fn()
+                sync()
+                fns[name], setup[name] = fn, time.perf_counter() - t
             except TimeGuard:
                 raise
             except Exception as exc:
                 RESULTS["errors"].append(f"{label} / {name}: {type(exc).__name__}: {str(exc)[:300]}")
-            finally:
-                torch._dynamo.reset()
+        run, count = floor_fn(reg["dims"], reg["batch"])
+        floor = f"mm floor ({count} {'bmm' if reg['batch'] else 'mm'})"
+        fns[floor] = run
         try:
-            run, count = floor_fn(reg["dims"], reg["batch"])
-            ms = timed(run, reg["reps"], reg["warmup"])
-            rows["mm floor"] = ms
-            RESULTS["timings"].append(dict(regime=label, provider=f"mm floor ({count} {'bmm' if reg['batch'] else 'mm'})",
-                                           ms=ms, seconds_incl_setup=0.0))
+            times = interleave(fns, rounds=reg["rounds"], min_block_s=MIN_BLOCK_S, device=DEV)
+        except TimeGuard:
+            raise
         except Exception as exc:
-            RESULTS["errors"].append(f"{label} / mm floor: {type(exc).__name__}: {exc}")
+            RESULTS["errors"].append(f"{label} / timing: {type(exc).__name__}: {str(exc)[:300]}")
+            times = {}
+        rows = {}
+        for name, t in times.items():
+            rows["mm floor" if name == floor else name] = t.median * 1e3
+            RESULTS["timings"].append(dict(regime=label, provider=name, ms=t.median * 1e3, cpu_ms=t.cpu_median * 1e3,
+                                           rounds=len(t.wall), calls_per_round=t.number,
+                                           seconds_incl_setup=setup.get(name, 0.0)))
         criteria(reg, label, rows)
-        del W, meas
+        del W, meas, fns
+        torch._dynamo.reset()
         if DEV.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -353,12 +370,13 @@ def table() -> str:
     for c in RESULTS["correctness"]:
         lines.append(f"| {c['case']} | {c['family']} | {c['dims']} | {c['batch']} | {c['path']} | {c['dtype']} | "
                      f"{c['rel_err_terms']:.1e} | {c['rel_err_grads']:.1e} | {c['bound']} | {'yes' if c['ok'] else 'NO'} |")
-    lines += ["", "## Forward + backward time (ms; ratio = torch eager / provider)", "",
-              "| regime | provider | ms | vs torch eager |", "|---|---|---|---|"]
+    lines += ["", "## Forward + backward time (ms, median over interleaved rounds; ratio = torch eager / provider)", "",
+              "| regime | provider | ms | CPU ms | rounds x calls | vs torch eager |", "|---|---|---|---|---|---|"]
     eager = {t["regime"]: t["ms"] for t in RESULTS["timings"] if t["provider"] == "torch eager"}
     for t in RESULTS["timings"]:
         ratio = f"{eager[t['regime']] / t['ms']:.2f}x" if t["regime"] in eager else ""
-        lines.append(f"| {t['regime']} | {t['provider']} | {t['ms']:.4g} | {ratio} |")
+        lines.append(f"| {t['regime']} | {t['provider']} | {t['ms']:.4g} | {t['cpu_ms']:.4g} | "
+                     f"{t['rounds']} x {t['calls_per_round']} | {ratio} |")
     lines += ["", "## Issue criteria", "", "| regime | criterion | value | met |", "|---|---|---|---|"]
     for c in RESULTS["criteria"]:
         lines.append(f"| {c['regime']} | {c['criterion']} | {c['value']} | {'yes' if c['ok'] else 'NO'} |")

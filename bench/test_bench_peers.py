@@ -5,7 +5,7 @@
 
 One benchmark group per regime: every provider times the trace of the same
 problem in the same run, so the ratios read off one table.  The providers
-and problems are those of ``flatkern bench`` (``flatkern/benchmarks.py``);
+and problems are those of ``flatkern bench`` (``flatkern/benchmarks/``);
 the value of each exact provider is checked against the float64 reference
 and each estimator's relative error is stored in ``extra_info``.
 """
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import flatkern.benchmarks as B
+from flatkern.benchmarks.timing import time_once
 
 PROVIDERS = B.providers_for("cpu")
 _problems: dict = {}
@@ -34,9 +35,7 @@ def _rounds(fn, first: float) -> int:
     """Slow peers are timed once; fast providers for about half a second (sized on a warm call)."""
     if first > 1.0:
         return 1
-    start = time.perf_counter()
-    fn()
-    second = time.perf_counter() - start
+    second = time_once(fn)
     return max(3, min(200, int(0.5 / max(second, 1e-6))))
 
 
@@ -53,7 +52,7 @@ def test_trace(benchmark, regime, provider):
         pytest.skip(reason)
     benchmark.group = f"{regime.name}: {regime.description}"
     fn = lambda: provider.trace(problem)  # noqa: E731
-    B._warm_up(provider, problem)
+    B.warm_up(provider, problem)
     start = time.perf_counter()
     value = fn()  # warm-up on this problem (torch.compile compiles, the C++ backend caches Dense.kernel())
     first = time.perf_counter() - start
@@ -75,8 +74,6 @@ def test_trace_and_gradient(benchmark, regime, provider):
     if reason:
         pytest.skip(reason)
     benchmark.group = f"{regime.name} fwd+bwd: {regime.description}"
-    fn = B._fwd_bwd(provider, problem)
-    start = time.perf_counter()
-    fn()  # warm-up (and compilation)
-    first = time.perf_counter() - start
+    fn = B.fwd_bwd(provider, problem)
+    first = time_once(fn)  # warm-up (and compilation)
     benchmark.pedantic(fn, rounds=_rounds(fn, first), iterations=1)

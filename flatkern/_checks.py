@@ -6,6 +6,8 @@ the shapes, so that bad input fails in Python before any kernel sees it.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -109,3 +111,32 @@ def check_floating(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype} but the weights are {like.dtype}; convert one of them")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but the weights are on {like.device}")
+
+
+def check_int(value, name: str, *, minimum: int | None = None) -> int:
+    """``value`` as a Python int: ints and numpy integers (anything with ``__index__``) pass, bools and
+    floats (even integral ones, as in ``range``) are refused with a message naming ``name``."""
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b":
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {out}")
+    return out
+
+
+def check_real(value, name: str, *, minimum: float | None = None) -> float:
+    """``value`` as a finite Python float (``>= minimum`` if given), else a ValueError/TypeError naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got the bool {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {out}")
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {out}")
+    return out

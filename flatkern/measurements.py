@@ -14,13 +14,21 @@ for ``"sum"``.
 
 Measurement tensors carry no batch dimension: one set of measurements is
 shared by every problem of a batch of weights.
+
+A measurement object is a value: it keeps private copies of the tensors it is
+given, so nothing the caller does to those tensors afterwards (in-place edits,
+``.data`` writes, edits through ``.numpy()``) changes its answers on any
+backend.  What the kernels read (``family``, ``operands``; the encoding of
+``flatkern/kernels/families.py``) is derived from those copies once, on first
+use, and cached in one place: ``_operands``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._checks import check_floating
+from ._checks import check_floating, check_int
+from .kernels import families
 
 __all__ = ["Measurements", "Isotropic", "Entries", "RankOne", "Dense", "Inputs"]
 
@@ -38,6 +46,21 @@ class Measurements:
     """
 
     n: int | None
+    #: the family's code in ``flatkern.kernels.families``
+    family: int
+    _operands: tuple | None = None
+
+    @property
+    def operands(self) -> tuple:
+        """The tensors the kernels read (``flatkern/kernels/families.py``), derived once from the private copies."""
+        if self._operands is None:
+            # ordinary tensors even when first asked for under inference_mode: they are reused outside it
+            with torch.inference_mode(False):
+                self._operands = self._make_operands()
+        return self._operands
+
+    def _make_operands(self) -> tuple:
+        return ()
 
     def predict(self, E: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -81,6 +104,17 @@ class Measurements:
         return self.n
 
 
+def _private(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A contiguous copy that shares no memory with ``t`` (a measurement object is a value)."""
+    return t.detach().to(dtype=dtype or t.dtype).clone(memory_format=torch.contiguous_format)
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}"
+                        " (convert it with torch.as_tensor)")
+
+
 def _check_1d_count(t: torch.Tensor, name: str) -> int:
     if t.dim() == 0 or t.shape[0] == 0:
         raise ValueError(f"{name} holds zero measurements (shape {tuple(t.shape)}); need at least one")
@@ -99,10 +133,10 @@ class Isotropic(Measurements):
             (which multiplies the mean loss and trace by ``n``).
     """
 
+    family = families.ISOTROPIC
+
     def __init__(self, n: int | None = None):
-        if n is not None and (not isinstance(n, int) or n <= 0):
-            raise ValueError(f"Isotropic(n=...) must be a positive int or None, got {n!r}")
-        self.n = n
+        self.n = None if n is None else check_int(n, "Isotropic(n=...)", minimum=1)
 
     def predict(self, E: torch.Tensor) -> torch.Tensor:
         return E
@@ -133,6 +167,8 @@ class Entries(Measurements):
         shape: ``(d_L, d_0)``, the shape of ``E``; indices are checked against it.
     """
 
+    family = families.ENTRIES
+
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]):
         rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
         for name, t in (("rows", rows), ("cols", cols)):
@@ -143,15 +179,24 @@ class Entries(Measurements):
         if rows.shape != cols.shape:
             raise ValueError(f"Entries rows {tuple(rows.shape)} and cols {tuple(cols.shape)} must have the same shape (n,)")
         _check_1d_count(rows, "Entries rows")
-        if len(shape) != 2:
-            raise ValueError(f"Entries shape must be (d_L, d_0), got {tuple(shape)}")
-        self.shape = (int(shape[0]), int(shape[1]))
+        if not hasattr(shape, "__len__") or len(shape) != 2:
+            raise ValueError(f"Entries shape must be (d_L, d_0), got {shape!r}")
+        self.shape = (check_int(shape[0], "Entries shape[0] (d_L)", minimum=1),
+                      check_int(shape[1], "Entries shape[1] (d_0)", minimum=1))
+        # private copies first, then the range check: a later edit of the caller's tensors cannot bypass it
+        rows, cols = _private(rows, torch.long), _private(cols, torch.long)
         for name, t, size in (("rows", rows, self.shape[0]), ("cols", cols, self.shape[1])):
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= size:
                 raise ValueError(f"Entries {name} must lie in [0, {size}) for shape {self.shape}, found values in [{lo}, {hi}]")
-        self.rows, self.cols = rows.long(), cols.long()
+        self.rows, self.cols = rows, cols
         self.n = rows.shape[0]
+
+    def _make_operands(self):
+        d_L, d_0 = self.shape
+        counts = torch.bincount(self.rows * d_0 + self.cols, minlength=d_L * d_0)
+        density = (counts.to(torch.float64) / self.n).reshape(d_L, d_0)
+        return (self.rows, self.cols, density)
 
     @classmethod
     def uniform(cls, n: int, shape: tuple[int, int], *, generator=None, replace: bool = False, device=None) -> "Entries":
@@ -195,10 +240,7 @@ class Entries(Measurements):
                 device = a.device
         if device is None:
             return self
-        new = object.__new__(Entries)
-        new.shape, new.n = self.shape, self.n
-        new.rows, new.cols = self.rows.to(device), self.cols.to(device)
-        return new
+        return Entries(self.rows.to(device), self.cols.to(device), self.shape)
 
     def __repr__(self):
         return f"Entries(n={self.n}, shape={self.shape})"
@@ -213,14 +255,20 @@ class RankOne(Measurements):
         u: ``(n, d_L)``;  v: ``(n, d_0)``.
     """
 
+    family = families.RANK_ONE
+
     def __init__(self, u: torch.Tensor, v: torch.Tensor):
         for name, t in (("u", u), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            _check_tensor(t, f"RankOne {name}")
+            if t.dim() != 2:
                 raise ValueError(f"RankOne {name} must be a tensor of shape (n, d), got {getattr(t, 'shape', type(t))}")
         if u.shape[0] != v.shape[0]:
             raise ValueError(f"RankOne u {tuple(u.shape)} and v {tuple(v.shape)} must have the same number of rows n")
         _check_1d_count(u, "RankOne u")
-        self.u, self.v, self.n = u, v, u.shape[0]
+        self.u, self.v, self.n = _private(u), _private(v), u.shape[0]
+
+    def _make_operands(self):
+        return (self.u, self.v)
 
     def predict(self, E):
         return torch.einsum("...ab,na,nb->...n", E, self.u, self.v)
@@ -257,10 +305,22 @@ class Dense(Measurements):
     """
 
     def __init__(self, A: torch.Tensor):
-        if not isinstance(A, torch.Tensor) or A.dim() != 3:
-            raise ValueError(f"Dense A must be a tensor of shape (n, d_L, d_0), got {getattr(A, 'shape', type(A))}")
+        _check_tensor(A, "Dense A")
+        if A.dim() != 3:
+            raise ValueError(f"Dense A must have shape (n, d_L, d_0), got {tuple(A.shape)}")
         _check_1d_count(A, "Dense A")
-        self.A, self.n = A, A.shape[0]
+        # one private copy, stored as Ap (d_L, n, d_0) in which the C++ kernel's Σ_i A_i G A_iᵀ is two
+        # plain matrix products; A is a view of it
+        self._Ap = _private(A.permute(1, 0, 2))
+        self.A, self.n = self._Ap.permute(1, 0, 2), A.shape[0]
+        # MATH.md cost model: through K = (1/n) Σ vec(A_i) vec(A_i)ᵀ a contraction costs O((d_0 d_L)²)
+        # instead of O(n d_0 d_L (d_0 + d_L)): the better choice when n > d_0 d_L
+        self.family = families.DENSE_KERNEL if self.n > A.shape[1] * A.shape[2] else families.DENSE
+
+    def _make_operands(self):
+        if self.family == families.DENSE_KERNEL:
+            return (self._Ap, self._kernel_pairs())
+        return (self._Ap,)
 
     @classmethod
     def gaussian(cls, n: int, shape: tuple[int, int], *, generator=None, dtype=None, device=None) -> "Dense":
@@ -273,9 +333,9 @@ class Dense(Measurements):
         With it ``contract = Σ K[a,b,c,d] (P Pᵀ)[a,c] (Qᵀ Q)[d,b]`` costs
         ``O((d_0 d_L)²)`` instead of ``O(n d_0 d_L (d_0 + d_L))``: the better
         choice when ``n > d_0 d_L`` and the measurements are reused across steps.
-        Cached; recomputed if ``A`` is modified in place.  A (non-contiguous) view
-        of the one cached copy, which ``_kernel_pairs`` stores in the layout the
-        C++ backend reads.
+        Computed once from the object's private copy of ``A`` (later edits of the
+        caller's tensor do not reach it); a (non-contiguous) view of the one cached
+        copy, which ``_kernel_pairs`` stores in the layout the C++ backend reads.
         """
         return self._kernel_pairs().permute(0, 2, 1, 3)
 
@@ -285,11 +345,10 @@ class Dense(Measurements):
         In this layout ``Σ_{b,d} K[a,b,c,d] G[b,d]`` (G symmetric) is one
         matrix-vector product of ``Kp`` viewed as ``(d_L², d_0²)`` with ``vec(G)``.
         """
-        version = (self.A._version, self.A.data_ptr())
-        if getattr(self, "_kernel_version", None) != version:
-            self._kernel = (torch.einsum("iab,icd->acbd", self.A, self.A) / self.n).contiguous()
-            self._kernel_version = version
-        return self._kernel
+        if getattr(self, "_Kp", None) is None:
+            with torch.inference_mode(False):
+                self._Kp = (torch.einsum("iab,icd->acbd", self.A, self.A) / self.n).contiguous()
+        return self._Kp
 
     def predict(self, E):
         return torch.einsum("...ab,nab->...n", E, self.A)
@@ -330,11 +389,14 @@ class Inputs(Measurements):
         x: ``(N, d_0)`` inputs.
     """
 
+    family = families.INPUTS
+
     def __init__(self, x: torch.Tensor):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"Inputs x must be a tensor of shape (N, d_0), got {getattr(x, 'shape', type(x))}")
+        _check_tensor(x, "Inputs x")
+        if x.dim() != 2:
+            raise ValueError(f"Inputs x must have shape (N, d_0), got {tuple(x.shape)}")
         _check_1d_count(x, "Inputs x")
-        self.x = x
+        self.x = _private(x)
         self.n = None  # depends on d_L; see num_measurements
 
     def predict(self, E):
@@ -346,6 +408,9 @@ class Inputs(Measurements):
 
     def num_measurements(self, reduction, d_L):
         return self.x.shape[0] * d_L
+
+    def _make_operands(self):
+        return (self.x,)
 
     def target_shape(self, d_L, d_0):
         return (self.x.shape[0], d_L)
@@ -362,3 +427,32 @@ class Inputs(Measurements):
 
     def __repr__(self):
         return f"Inputs(N={self.x.shape[0]}, d_0={self.x.shape[1]})"
+
+
+def from_operands(family: int, operands) -> Measurements:
+    """The measurement object that ``(family, operands)`` encode, sharing the operand tensors (no copy,
+    no checks): how an op's plain-torch kernel gets back to the reference formulas."""
+    operands = tuple(operands)
+    if family == families.ISOTROPIC:
+        m = Isotropic.__new__(Isotropic)
+        m.n = None
+    elif family == families.ENTRIES:
+        m = Entries.__new__(Entries)
+        m.rows, m.cols = operands[0], operands[1]
+        m.shape, m.n = tuple(operands[2].shape), operands[0].shape[0]
+    elif family == families.RANK_ONE:
+        m = RankOne.__new__(RankOne)
+        m.u, m.v, m.n = operands[0], operands[1], operands[0].shape[0]
+    elif family in (families.DENSE, families.DENSE_KERNEL):
+        m = Dense.__new__(Dense)
+        m._Ap, m.family = operands[0], family
+        m.A, m.n = operands[0].permute(1, 0, 2), operands[0].shape[1]
+        if family == families.DENSE_KERNEL:
+            m._Kp = operands[1]
+    elif family == families.INPUTS:
+        m = Inputs.__new__(Inputs)
+        m.x, m.n = operands[0], None
+    else:
+        raise ValueError(f"unknown measurement family code {family} (flatkern/kernels/families.py)")
+    m._operands = operands
+    return m

@@ -1,6 +1,6 @@
 """Deep linear modules, and the exact trace of the Hessian of ordinary ``nn.Linear`` stacks.
 
-``DeepLinear(dims)`` is the network ``x ↦ x Eᵀ`` with ``E = W_L ⋯ W_1`` (plus
+``DeepLinear(widths)`` is the network ``x ↦ x Eᵀ`` with ``E = W_L ⋯ W_1`` (plus
 biases).  ``hessian_trace_of(model, inputs)`` is the exact trace of the Hessian
 of its MSE or cross-entropy loss over ALL its parameters, for a ``DeepLinear``
 or any ``nn.Sequential`` of ``nn.Linear`` (MATH.md, "Cross-entropy" and "bias").
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_reduction
+from ._checks import check_int, check_reduction
 from .measurements import Inputs
 from .ops import end_to_end, hessian_trace
 
@@ -20,27 +20,46 @@ __all__ = ["DeepLinear", "hessian_trace_of"]
 LOSSES = ("mse", "cross_entropy")
 
 
+def _check_widths(widths) -> list[int]:
+    """``[d_0, ..., d_L]`` as Python ints, or an error naming ``widths``."""
+    scalar = isinstance(widths, torch.Tensor) and widths.dim() == 0
+    if scalar or isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise TypeError(
+            f"widths must be a sequence of ints [d_0, d_1, ..., d_L] (input, hidden and output widths, "
+            f"e.g. [20, 32, 20]), got {widths!r} ({type(widths).__name__})"
+        )
+    widths = list(widths)
+    if len(widths) < 2:
+        raise ValueError(f"widths must list at least two widths [d_0, ..., d_L] (one layer), got {widths!r}")
+    return [check_int(d, f"widths[{j}]", minimum=1) for j, d in enumerate(widths)]
+
+
 class DeepLinear(nn.Module):
     """A deep linear network ``h_j = W_j h_{j-1} (+ c_j)``: without biases, ``forward(x) = x Eᵀ``.
 
     Args:
-        dims: widths ``[d_0, d_1, ..., d_L]``; layer ``j`` is an ``nn.Linear(d_{j-1}, d_j)``
+        widths: ``[d_0, d_1, ..., d_L]`` (a sequence of at least two ints >= 1; numpy integers
+            count as ints, bools and floats do not); layer ``j`` is an ``nn.Linear(d_{j-1}, d_j)``
             (PyTorch's default initialization), so ``W_j`` has shape ``(d_j, d_{j-1})``.
         bias: give every layer a bias ``c_j`` of shape ``(d_j,)``.
 
     Attributes:
         layers: ``nn.ModuleList`` of the ``L`` ``nn.Linear`` layers, ``W_1`` first.
+        widths: the widths as a list of Python ints (``dims`` is the same list).
     """
 
-    def __init__(self, dims, bias: bool = False, *, device=None, dtype=None):
+    def __init__(self, widths, bias: bool = False, *, device=None, dtype=None):
         super().__init__()
-        dims = list(dims)
-        if len(dims) < 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-            raise ValueError(f"dims must list at least two positive int widths [d_0, ..., d_L], got {dims!r}")
-        self.dims = dims
+        self.widths = _check_widths(widths)
         self.layers = nn.ModuleList(
-            nn.Linear(dims[j], dims[j + 1], bias=bias, device=device, dtype=dtype) for j in range(len(dims) - 1)
+            nn.Linear(self.widths[j], self.widths[j + 1], bias=bias, device=device, dtype=dtype)
+            for j in range(len(self.widths) - 1)
         )
+
+    @property
+    def dims(self) -> list[int]:
+        """The widths ``[d_0, ..., d_L]`` (the earlier name of ``widths``)."""
+        return self.widths
 
     @property
     def weights(self) -> list[nn.Parameter]:
@@ -64,7 +83,7 @@ class DeepLinear(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"dims={self.dims}, bias={self.layers[0].bias is not None}"
+        return f"widths={self.widths}, bias={self.layers[0].bias is not None}"
 
 
 def _linear_layers(model: nn.Module) -> list[nn.Linear]:
@@ -147,6 +166,8 @@ def hessian_trace_of(
     Args:
         model: the network (unsupported modules raise, naming the module).
         inputs: ``(N, d_0)``; for ``"mse"`` any ``(..., d_0)`` (leading dims are samples).
+            With no samples (``N = 0``) the ``"sum"`` trace is 0, as plain torch's loss is;
+            the ``"mean"`` one is undefined and raises a ``ValueError``.
         loss: ``"mse"`` or ``"cross_entropy"``.
         reduction: ``"mean"`` or ``"sum"``, as in the torch loss (``"mean"``
             divides by ``N d_L`` for MSE, by ``N`` for cross-entropy).
@@ -166,10 +187,16 @@ def hessian_trace_of(
     if loss == "cross_entropy" and inputs.dim() != 2:
         raise ValueError(f"loss='cross_entropy' needs inputs of shape (N, d_0) (logits (N, classes)), got {tuple(inputs.shape)}")
     x = inputs.reshape(-1, inputs.shape[-1])
+    if x.shape[0] == 0 and reduction == "mean":
+        # plain torch's mean over no samples is NaN, and so would be its Hessian: no number to give
+        raise ValueError(
+            f"inputs has shape {tuple(inputs.shape)}: no samples, and the mean loss over no samples is "
+            "undefined; pass at least one sample (or reduction='sum', whose trace is then 0)"
+        )
     weights = [layer.weight for layer in layers]
     has_bias = [layer.bias is not None for layer in layers]
 
-    if loss == "mse" and not any(has_bias):
+    if loss == "mse" and not any(has_bias) and x.shape[0] > 0:
         # exactly the Inputs measurement family: use the fast backend
         return hessian_trace(weights, Inputs(x), reduction=reduction, per_layer=per_layer)
 

@@ -7,13 +7,41 @@ The loss needs ``E = W_L Q_L`` and the trace needs every prefix product
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from . import ops, reference
 from ._checks import check_reduction, check_weights
 from .measurements import Measurements
 
-__all__ = ["objective"]
+__all__ = ["objective", "check_lam"]
+
+
+def check_lam(lam, name: str = "lam") -> float:
+    """``lam`` as a Python float: a real number (int, float, numpy scalar), finite and ``>= 0``.
+
+    A bool or a non-number is a ``TypeError``; NaN, inf or a negative value a
+    ``ValueError``; both name ``name``.
+    """
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"{name} must be a number (a finite float >= 0), got {lam!r} ({type(lam).__name__})")
+    out = float(lam)
+    if not 0.0 <= out < math.inf:  # NaN fails both comparisons
+        raise ValueError(f"{name} must be a finite number >= 0, got {out!r}")
+    return out
+
+
+def _check_lam_tensor(lam: torch.Tensor) -> None:
+    if lam.dtype == torch.bool or lam.is_complex():
+        raise TypeError(f"lam must be a real tensor, got dtype {lam.dtype}")
+    # one reduction and one read: a data-dependent check that torch.compile cannot trace, so skipped there
+    if not torch.compiler.is_compiling():
+        with torch.no_grad():
+            ok = bool(((lam >= 0) & (lam < math.inf)).all())
+        if not ok:
+            raise ValueError(f"lam must be finite and >= 0 everywhere, got {lam.detach()}")
 
 
 def objective(
@@ -32,17 +60,18 @@ def objective(
         tr    = (2/n) Σ_i Σ_j ‖P_jᵀ A_i Q_jᵀ‖_F²            ("sum" drops 1/n)
 
     ``loss.backward()`` is the one backward of the regularized objective; the
-    data loss alone is ``loss - lam * trace``.  On CPU with ``backend="auto"``
-    the C++ kernel ``layer_terms_and_end_to_end`` computes ``E`` and the trace
-    in one call when it is built; otherwise plain torch forms the chain
-    products once and derives both from them.
+    data loss alone is ``loss - lam * trace``.  One call of the op
+    ``flatkern::hessian_trace`` (``with_end_to_end=True``) gives ``E`` and the
+    trace: the C++ or Triton kernel by device, or plain torch forming the chain
+    products once and deriving both from them.
 
     Args:
         weights: ``[W_1, ..., W_L]``, ``W_j`` of shape ``(..., d_j, d_{j-1})``.
         measurements: a measurement family (``Isotropic``, ``Entries``, ``RankOne``, ``Dense``, ``Inputs``).
         targets: as in ``flatkern.mse_loss``: ``(..., n)``; ``(..., N, d_L)`` for ``Inputs``;
             ``(..., d_L, d_0)`` for ``Isotropic``.
-        lam: regularization strength (a number, or a tensor broadcasting against ``(...)``).
+        lam: regularization strength, finite and ``>= 0`` (a number, or a tensor broadcasting
+            against ``(...)``); anything else raises, naming ``lam``.
         reduction: ``"mean"`` or ``"sum"``, as in ``nn.MSELoss``; applies to both terms.
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
 
@@ -51,15 +80,16 @@ def objective(
     """
     weights = check_weights(weights)
     check_reduction(reduction)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float, torch.Tensor)):
-        raise TypeError(f"lam must be a number or a tensor, got {type(lam).__name__}")
+    if isinstance(lam, torch.Tensor):
+        _check_lam_tensor(lam)
+    else:
+        lam = check_lam(lam)
     d_L, d_0 = ops._check_measurements(measurements, weights)
     ops._check_targets(targets, measurements, d_L, d_0)
     # trace = scale · Σ_j c_j: "mean" 2, "sum" 2n (raises early if n is unknown)
     scale = 2.0 * (measurements.num_measurements(reduction, d_L) if reduction == "sum" else 1)
-    # the backend applies the scale and the sum over layers (the C++ kernel inside its one op)
-    fused = ops._resolve(backend, "layer_terms_and_end_to_end", weights[0].device)
-    trace, E = fused(weights, measurements, scale=scale, sum_layers=True)
+    # the op applies the scale and the sum over layers and forms E in the same pass
+    trace, E = ops._layer_terms(weights, measurements, backend, scale=scale, sum_layers=True, with_end_to_end=True)
     data = reference.mse_loss_ref(E, measurements, targets.to(E.dtype), reduction)
     # one add: small problems are dispatch-bound
     loss = data + lam * trace if isinstance(lam, torch.Tensor) else torch.add(data, trace, alpha=lam)

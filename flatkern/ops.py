@@ -1,89 +1,146 @@
-"""flatkern's public ops and their backend dispatch.
+"""flatkern's public ops.
 
 Every op takes ``backend=``:
 
-- ``"auto"``: the best backend available for the tensors' device (C++ on CPU,
-  Triton on CUDA), falling back quietly to plain torch (said once);
-- ``"torch"``: the plain-torch reference (``flatkern.reference``), always there;
-- ``"cpp"`` / ``"triton"``: that backend, or an error saying why it cannot run.
+- ``"auto"``: the compiled op ``flatkern::hessian_trace`` (``flatkern/kernels/op.py``), whose
+  kernel the dispatcher picks by the tensors' device (C++ on CPU, Triton on CUDA).  Inputs a
+  kernel does not take go to the plain-torch reference: half precision on CPU, a zero width,
+  widths of 2^20 or more.  Without a kernel for the device (the extension not built, triton
+  not installed) "auto" uses the reference too, and says so once.
+- ``"torch"``: the plain-torch reference (``flatkern.reference``), always there, and the only
+  backend with derivatives of every order.
+- ``"cpp"`` / ``"triton"``: that kernel, or an error saying why it cannot run.  ``"triton"``
+  also runs on CPU tensors under ``TRITON_INTERPRET=1`` (the Triton interpreter: slow; for tests).
+
+The formulas are in ``docs/MATH.md``.
 """
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import torch
 
 from . import reference
 from ._checks import check_backend, check_reduction, check_weights
+from .kernels import op as _op
 from .measurements import Isotropic, Measurements
 
-__all__ = ["end_to_end", "mse_loss", "hessian_trace", "available_backends"]
+__all__ = ["end_to_end", "mse_loss", "hessian_trace", "hessian_trace_and_grad", "available_backends"]
 
-# backend name -> module in flatkern.kernels implementing its ops
-_KERNEL_MODULES = {"cpp": "flatkern.kernels.cpp", "triton": "flatkern.kernels.triton_chain"}
-_AUTO_BY_DEVICE = {"cpu": "cpp", "cuda": "triton"}
-# ops whose plain-torch form already is the floor (one BLAS call per layer):
-# a compiled kernel only adds dispatch overhead, so "auto" keeps them in torch
-_AUTO_TORCH_OPS = {"end_to_end"}
+_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64),
+                  "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_MAX_WIDTH = 1 << 20  # the C++ kernels index with 32-bit BLAS dimensions
 _warned_fallback: set[str] = set()
-# (backend, op, device) -> the module whose ``op`` serves it: resolving costs
-# more than a small problem's kernel, and the answer never changes in a process
-_resolved: dict = {}
+# the overload's own C++ entry: OpOverload.__call__ is a Python frame around it, a
+# measurable part of a d = 30 call (torch.compile gets the overload itself)
+_hessian_trace_fast = getattr(_op.hessian_trace, "_op", _op.hessian_trace)
+_hessian_trace_and_grad_fast = getattr(_op.hessian_trace_and_grad, "_op", _op.hessian_trace_and_grad)
 
 
-def _kernel_module(backend: str):
-    try:
-        return importlib.import_module(_KERNEL_MODULES[backend]), None
-    except ImportError as exc:  # e.g. triton not installed
-        return None, f"the {backend} backend cannot be imported ({exc})"
+def _unavailable(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` ("cpp" or "triton") cannot run on ``device`` (``None`` if it can)."""
+    if backend == "cpp":
+        if _op.CPP_ERROR is not None:
+            return _op.CPP_ERROR
+        return None if device.type == "cpu" else f"the C++ backend runs on CPU tensors only, got tensors on {device}"
+    if _op.TRITON_ERROR is not None:
+        return _op.TRITON_ERROR
+    return _op._triton.unavailable_reason(device)
 
 
-def _unavailable(backend: str, op: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run ``op`` on ``device`` (``None`` if it can)."""
-    module, reason = _kernel_module(backend)
-    if module is None:
-        return reason
-    reason = module.unavailable_reason(device)
-    if reason is None and not hasattr(module, op):
-        reason = f"the {backend} backend has no kernel for {op}"
-    return reason
-
-
-def _resolve(backend: str, op: str, device: torch.device):
-    """The function implementing ``op`` for ``backend`` on ``device``."""
-    module = _resolved.get((backend, op, device)) if isinstance(backend, str) else None
-    if module is None:
-        module = _resolve_module(backend, op, device)
-        _resolved[(backend, op, device)] = module
-    # looked up per call, so that a patched or reloaded module takes effect
-    return getattr(module, f"{op}_ref" if module is reference else op)
-
-
-def _resolve_module(backend: str, op: str, device: torch.device):
-    check_backend(backend)
-    if backend == "torch" or (backend == "auto" and op in _AUTO_TORCH_OPS):
-        return reference
-    if backend == "auto":
-        preferred = _AUTO_BY_DEVICE.get(device.type)
-        reason = _unavailable(preferred, op, device) if preferred else f"no compiled backend for {device.type}"
-        if reason is None:
-            return _kernel_module(preferred)[0]
-        if preferred is not None and preferred not in _warned_fallback:
-            _warned_fallback.add(preferred)
-            warnings.warn(f"flatkern: using the plain-torch backend on {device.type}: {reason}", RuntimeWarning, stacklevel=4)
-        return reference
-    reason = _unavailable(backend, op, device)
-    if reason is not None:
-        raise RuntimeError(f'flatkern: backend="{backend}" is not available for {op}: {reason}')
-    return _kernel_module(backend)[0]
-
-
-def available_backends(device: str | torch.device = "cpu", op: str = "layer_terms") -> list[str]:
-    """Backends that can run ``op`` (default: the trace) on ``device``."""
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run the trace on ``device``: always ``"torch"``, then ``"cpp"``/``"triton"``."""
     device = torch.device(device)
-    return ["torch"] + [b for b in _KERNEL_MODULES if _unavailable(b, op, device) is None]
+    return ["torch"] + [b for b in ("cpp", "triton") if _unavailable(b, device) is None]
+
+
+def _widths_in_range(weights) -> bool:
+    if not 0 < weights[0].shape[-1] < _MAX_WIDTH:
+        return False
+    for w in weights:
+        if not 0 < w.shape[-2] < _MAX_WIDTH:
+            return False
+    return True
+
+
+# (backend, device type, dtype) -> route, for the part of the choice that depends on nothing else:
+# it runs on every call, and a d = 30 problem's whole kernel takes ~20 µs
+_routes: dict = {}
+
+
+def _route(backend: str, weights) -> str:
+    """``"ref"``, ``"op"`` (the dispatcher's kernel for the device) or ``"triton"`` (the Triton
+    package's eager entry: CPU tensors in the interpreter)."""
+    first = weights[0]
+    key = (backend, first.device.type, first.dtype)
+    route = None if torch.compiler.is_compiling() else _routes.get(key)
+    if route is None:
+        route = _route_by_device(backend, first)  # raises for a backend that cannot run here
+        if not torch.compiler.is_compiling():
+            _routes[key] = route
+    if route == "ref" or _widths_in_range(weights):
+        return route
+    if backend == "auto":
+        return "ref"
+    raise RuntimeError(f'flatkern: backend="{backend}" cannot run here: its kernel does not take a width of 0 '
+                       f'or >= 2^20 (widths {[weights[0].shape[-1]] + [w.shape[-2] for w in weights]}); '
+                       'backend="torch" can')
+
+
+def _route_by_device(backend: str, first: torch.Tensor) -> str:
+    device = first.device
+    if backend == "auto":
+        if device.type == "cpu":
+            # the op's CPU kernel is the C++ one, or the reference when the extension is missing
+            if _op.CPP_ERROR is not None:
+                _warn_fallback("cpu", _op.CPP_ERROR)
+            return "op" if first.dtype in _KERNEL_DTYPES["cpu"] else "ref"
+        reason = _unavailable("triton", device) if device.type == "cuda" else f"no compiled kernel for {device.type}"
+        if reason is None:
+            return "op" if first.dtype in _KERNEL_DTYPES["cuda"] else "ref"
+        _warn_fallback(device.type, reason)
+        return "ref"
+    if backend == "torch":
+        return "ref"
+    check_backend(backend)
+    reason = _unavailable(backend, device)
+    if reason is None and first.dtype not in _KERNEL_DTYPES.get(device.type, ()) and (
+            device.type != "cpu" or backend == "cpp"):
+        reason = f"its kernel does not take {first.dtype} on {device.type}"
+    if reason is not None:
+        raise RuntimeError(f'flatkern: backend="{backend}" cannot run here: {reason}; backend="torch" can')
+    return "triton" if backend == "triton" and device.type == "cpu" else "op"
+
+
+def _warn_fallback(device_type: str, reason: str) -> None:
+    """Say once per device type that "auto" runs on plain torch, and why."""
+    if device_type not in _warned_fallback and not torch.compiler.is_compiling():
+        _warned_fallback.add(device_type)
+        warnings.warn(f"flatkern: using the plain-torch backend on {device_type}: {reason}", RuntimeWarning,
+                      stacklevel=5)
+
+
+def _contiguous(weights):
+    return [w if w.is_contiguous() else w.contiguous() for w in weights]
+
+
+def _layer_terms(weights, measurements: Measurements, backend: str, *, scale: float, sum_layers: bool,
+                 with_end_to_end: bool = False):
+    """``(terms, E or None)``: ``scale · c_j`` (``(..., L)``), or ``scale · Σ_j c_j`` (``(...)``) with
+    ``sum_layers``, and ``E`` when asked, on the backend ``backend`` resolves to.  Inputs already checked."""
+    route = _route(backend, weights)
+    if route == "op":
+        call = _op.hessian_trace if torch.compiler.is_compiling() else _hessian_trace_fast
+        terms, E, _ = call(_contiguous(weights), measurements.family, list(measurements.operands),
+                           with_end_to_end, scale, sum_layers)
+        return terms, (E if with_end_to_end else None)
+    if route == "triton":
+        return _op._triton.layer_terms(weights, measurements.family, list(measurements.operands), scale=scale,
+                                       sum_layers=sum_layers, with_end_to_end=with_end_to_end)
+    if with_end_to_end:
+        return reference.layer_terms_and_end_to_end_ref(weights, measurements, scale=scale, sum_layers=sum_layers)
+    return reference.layer_terms_ref(weights, measurements, scale=scale, sum_layers=sum_layers), None
 
 
 def end_to_end(weights, *, backend: str = "auto") -> torch.Tensor:
@@ -98,7 +155,15 @@ def end_to_end(weights, *, backend: str = "auto") -> torch.Tensor:
         ``E`` of shape ``(..., d_L, d_0)``, differentiable with respect to the weights.
     """
     weights = check_weights(weights)
-    return _resolve(backend, "end_to_end", weights[0].device)(weights)
+    # "auto" keeps E in plain torch: one BLAS call per layer already is the floor, and a compiled
+    # op would only add dispatch overhead (measured 2x slower at d = 30)
+    if backend == "cpp" and _route(backend, weights) == "op":
+        return _op.end_to_end(_contiguous(weights))
+    if backend not in ("auto", "torch", "triton"):
+        check_backend(backend)
+    if backend == "triton":
+        _route(backend, weights)  # the error if Triton cannot run here; E itself is the cuBLAS chain
+    return reference.end_to_end_ref(weights)
 
 
 def _check_measurements(measurements, weights) -> tuple[int, int]:
@@ -155,7 +220,7 @@ def hessian_trace(weights, measurements: Measurements, *, reduction: str = "mean
 
     with ``P_j = W_L ⋯ W_{j+1}`` and ``Q_j = W_{j-1} ⋯ W_1``.  The Hessian is
     taken with respect to all layer weights; the trace does not depend on the
-    targets (MATH.md).
+    targets (docs/MATH.md §The exact trace).
 
     Args:
         weights: ``[W_1, ..., W_L]``, ``W_j`` of shape ``(..., d_j, d_{j-1})``.
@@ -169,9 +234,51 @@ def hessian_trace(weights, measurements: Measurements, *, reduction: str = "mean
         with respect to the weights.
     """
     weights = check_weights(weights)
+    scale = _trace_scale(weights, measurements, reduction)
+    # the op applies the scale and the sum: a small problem cannot afford more autograd nodes
+    return _layer_terms(weights, measurements, backend, scale=scale, sum_layers=not per_layer)[0]
+
+
+def _trace_scale(weights, measurements: Measurements, reduction: str) -> float:
+    """``ℓ'' = 2`` for the mean, ``2 n`` for the sum (after checking the inputs)."""
     check_reduction(reduction)
     d_L, _ = _check_measurements(measurements, weights)
-    scale = 2.0 if reduction == "mean" else 2.0 * measurements.num_measurements(reduction, d_L)
-    # the backend applies the scale and the sum: the C++ kernel folds both into its one op
-    layer_terms = _resolve(backend, "layer_terms", weights[0].device)
-    return layer_terms(weights, measurements, scale=scale, sum_layers=not per_layer)
+    return 2.0 if reduction == "mean" else 2.0 * measurements.num_measurements(reduction, d_L)
+
+
+def hessian_trace_and_grad(weights, measurements: Measurements, *, reduction: str = "mean", per_layer: bool = False,
+                           backend: str = "auto"):
+    """The trace of the Hessian and its gradient with respect to every weight, in one call.
+
+    The value is ``hessian_trace(weights, measurements, reduction=..., per_layer=...)``; the
+    gradients are those of its sum (of the per-layer traces with ``per_layer=True``; summed over
+    the batch, so each problem gets its own gradient).  No autograd graph is built: the outputs
+    never require grad, and the call works under ``torch.no_grad()`` and
+    ``torch.inference_mode()``.  On CPU one fused C++ call (forward and backward back to back); on
+    CUDA the Triton forward and backward; with ``backend="torch"``, the reference through autograd.
+
+    Args:
+        weights: ``[W_1, ..., W_L]``, ``W_j`` of shape ``(..., d_j, d_{j-1})``.
+        measurements, reduction, per_layer, backend: as in ``hessian_trace``.
+
+    Returns:
+        ``(trace, grads)``: ``trace`` of shape ``(...)`` (``(..., L)`` with ``per_layer``), and
+        ``grads[j]`` shaped like ``weights[j]``.
+    """
+    weights = check_weights(weights)
+    scale = _trace_scale(weights, measurements, reduction)
+    route = _route(backend, weights)
+    if route == "op":
+        call = _op.hessian_trace_and_grad if torch.compiler.is_compiling() else _hessian_trace_and_grad_fast
+        trace, grads = call(_contiguous(weights), measurements.family, list(measurements.operands), scale,
+                            not per_layer)
+        return trace, list(grads)
+    if route == "triton":
+        trace, grads = _op._triton.hessian_trace_and_grad_eager(weights, measurements.family,
+                                                                list(measurements.operands), scale, not per_layer)
+        return trace, list(grads)
+    with torch.inference_mode(False), torch.enable_grad():
+        leaves = [w.detach().clone().requires_grad_() for w in weights]
+        trace = reference.layer_terms_ref(leaves, measurements, scale=scale, sum_layers=not per_layer)
+        grads = torch.autograd.grad(trace.sum(), leaves)
+    return trace.detach(), [g.detach() for g in grads]

@@ -3,35 +3,47 @@
     g_j  ←  g_j + lam · ∂/∂W_j  tr ∇²L(W)              (then the base optimizer steps)
 
 where ``tr ∇²L`` is ``flatkern.hessian_trace(weights, measurements, reduction=...)``
-(MATH.md): the exact trace of the Hessian of the MSE loss on ``measurements``.
-The regularizer gradient comes from one call of that op and one
-``torch.autograd.grad``; the fast backend is chosen by ``backend="auto"``.
+(docs/MATH.md): the exact trace of the Hessian of the MSE loss on ``measurements``.
+The trace and its gradient come from one ``flatkern.hessian_trace_and_grad`` call
+(one fused kernel on CPU, no autograd graph) and are added with one foreach op.
 
     >>> model = flatkern.nn.DeepLinear([5, 8, 8, 4])
     >>> opt = flatkern.optim.FlatnessRegularized(model, torch.optim.SGD, lam=1e-2,
     ...                                          measurements=meas, lr=0.1)
     >>> loss = flatkern.mse_loss(model.weights, meas, b); loss.backward(); opt.step()
+    >>> opt.last_trace                                  # tr ∇²L before that step, for free
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim import optimizer as _torch_optimizer
 
 from ._checks import check_backend, check_reduction, check_weights
 from .measurements import Isotropic, Measurements
-from .ops import hessian_trace
+from .objective import check_lam
+from .ops import hessian_trace_and_grad
 
 __all__ = ["FlatnessRegularized"]
 
+_INF = math.inf
 
-def _check_lam(lam, name: str = "lam") -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {lam!r}")
-    return float(lam)
+
+# torch's registries of the global step hooks (``register_optimizer_step_pre_hook`` and
+# ``..._post_hook``, mutated in place); a torch without them sends every step through the hooks
+_GLOBAL_HOOKS = [getattr(_torch_optimizer, f"_global_optimizer_{when}_hooks", None) for when in ("pre", "post")]
+_GLOBAL_HOOKS_KNOWN = all(isinstance(h, dict) for h in _GLOBAL_HOOKS)
+
+
+def _global_step_hooks() -> bool:
+    """Whether a global optimizer step hook may be registered."""
+    return not _GLOBAL_HOOKS_KNOWN or any(_GLOBAL_HOOKS)
 
 
 def _split_params(params) -> tuple[list[torch.Tensor], list]:
@@ -63,6 +75,30 @@ def _split_params(params) -> tuple[list[torch.Tensor], list]:
     return groups, groups
 
 
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` takes a closure without a default (``torch.optim.LBFGS``)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: let the base optimizer say
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _check_base_optimizer(base_optimizer) -> None:
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        name = type(base_optimizer).__name__
+        raise TypeError(
+            f"base_optimizer must be an optimizer class or a factory, called as base_optimizer(param_groups, "
+            f"**kwargs), got an already built {name}; pass the class and its arguments instead: "
+            f"FlatnessRegularized(params, torch.optim.{name}, lam=..., measurements=..., lr=...)"
+        )
+    if not callable(base_optimizer):
+        raise TypeError(
+            "base_optimizer must be an optimizer class (torch.optim.SGD, ...) or a factory called as "
+            f"base_optimizer(param_groups, **kwargs), got {type(base_optimizer).__name__}"
+        )
+
+
 class FlatnessRegularized(torch.optim.Optimizer):
     """Wraps ``base_optimizer`` and adds ``lam * ∇ tr ∇²L`` to the gradients at every ``step``.
 
@@ -77,9 +113,22 @@ class FlatnessRegularized(torch.optim.Optimizer):
       objects), so learning-rate schedulers, ``zero_grad`` and
       ``state_dict()`` / ``load_state_dict()`` act on both.
     - ``lam`` lives in each param group (``group["lam"]``) and can be
-      scheduled; a weight in a group with ``lam = 0`` gets no regularizer.
+      scheduled; it is read, and checked (a finite number ``>= 0``, else a
+      ``ValueError`` naming the group, raised before anything changes), at
+      every ``step``.  A weight in a group with ``lam = 0`` gets no regularizer.
       With all ``lam`` equal (the usual case) the added gradient is exactly
       ``lam ∇ tr``.
+    - ``step(closure)``: the closure is wrapped so that every evaluation the
+      base optimizer makes (``torch.optim.LBFGS`` makes several, in its line
+      search) sees the regularized objective: the gradients get
+      ``lam ∇ tr`` at the weights of that evaluation, and the value returned is
+      ``closure() + lam · tr`` (the trace summed over a batch of problems).  The
+      value needs one ``lam`` for every layer weight (else a ``ValueError``).
+    - ``last_trace``: after each ``step``, the trace at the weights before that
+      step (detached; shape ``(...)``, one value per problem for batched
+      weights; the trace over all ranks' shards under DDP).  Logging flatness
+      costs nothing: the step computes it anyway.  ``None`` before the first
+      step and after a step with every ``lam`` zero (then nothing is computed).
     - ``torch.amp.GradScaler``: ``scaler.step(opt)`` unscales the gradients
       (through the shared ``param_groups``) before it calls ``opt.step``, so
       the regularizer is added to unscaled gradients, and skipped with the
@@ -88,9 +137,10 @@ class FlatnessRegularized(torch.optim.Optimizer):
       be that rank's shard of the full set, and every rank applies the
       gradient of the trace over the union, all-reduced in one collective:
       ``Σ_r n_r ∇t_r / Σ_r n_r`` for ``reduction="mean"`` (``n_r`` the shard
-      size), ``Σ_r ∇t_r`` for ``"sum"``.  ``Isotropic`` is a population, not
-      a shard: it is never all-reduced.  Pass ``sharded=False`` when every
-      rank holds the same measurements.
+      size), ``Σ_r ∇t_r`` for ``"sum"`` (the trace itself likewise, in the same
+      collective).  ``Isotropic`` is a population, not a shard: it is never
+      all-reduced.  Pass ``sharded=False`` when every rank holds the same
+      measurements.
 
     Args:
         params: the layer weights ``[W_1, ..., W_L]`` in chain order
@@ -99,11 +149,11 @@ class FlatnessRegularized(torch.optim.Optimizer):
             (possibly wrapped in ``DistributedDataParallel``; its biases are
             optimized but not regularized).
         base_optimizer: an optimizer class (or factory) called as
-            ``base_optimizer(param_groups, **base_kwargs)``.
+            ``base_optimizer(param_groups, **base_kwargs)``; not an optimizer object.
         lam: regularization strength ``>= 0`` (default for every group).
         measurements: a flatkern measurement family for ``E = W_L ⋯ W_1``.
         reduction: ``"mean"`` or ``"sum"``, the reduction of the regularized trace.
-        backend: backend of ``hessian_trace`` (``"auto"`` picks the fast one).
+        backend: backend of the trace (``"auto"`` picks the fast one).
         sharded: all-reduce the regularizer under ``torch.distributed`` (see above);
             ``None`` means: yes when a process group of size > 1 is initialized.
         process_group: the group to all-reduce over (default: the world).
@@ -123,7 +173,8 @@ class FlatnessRegularized(torch.optim.Optimizer):
         process_group=None,
         **base_kwargs,
     ):
-        lam = _check_lam(lam)
+        lam = check_lam(lam)
+        _check_base_optimizer(base_optimizer)
         check_reduction(reduction)
         check_backend(backend)
         if not isinstance(measurements, Measurements):
@@ -135,9 +186,9 @@ class FlatnessRegularized(torch.optim.Optimizer):
         self._weights = check_weights(chain, "params")
         d_L, d_0 = self._weights[-1].shape[-2], self._weights[0].shape[-1]
         measurements.check(d_L, d_0, self._weights[0])
-        for g in groups:
+        for i, g in enumerate(groups):
             if isinstance(g, dict) and "lam" in g:
-                _check_lam(g["lam"], "param group lam")
+                g["lam"] = check_lam(g["lam"], f"param_groups[{i}]['lam']")
 
         super().__init__(groups, dict(lam=lam))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -146,12 +197,18 @@ class FlatnessRegularized(torch.optim.Optimizer):
                 f"base_optimizer must build a torch.optim.Optimizer, got {type(self.base_optimizer).__name__}"
             )
         self._share_base_state()
+        self._needs_closure = _needs_closure(self.base_optimizer)
         self.defaults.update(self.base_optimizer.defaults)
         self.measurements = measurements
         self.reduction = reduction
         self.backend = backend
         self.sharded = sharded
         self.process_group = process_group
+        self.last_trace: torch.Tensor | None = None
+        # which group holds each weight: rebuilt when the groups list is replaced or grows
+        self._indexed_groups: list | None = None
+        self._indexed_count = 0
+        self._weight_group: list[int] = []
 
     def _share_base_state(self) -> None:
         # one list of groups and one state dict: schedulers, zero_grad and
@@ -162,7 +219,7 @@ class FlatnessRegularized(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (optimized by the base optimizer, regularized only if its params are in the chain)."""
         param_group.setdefault("lam", self.defaults["lam"])
-        _check_lam(param_group["lam"], "param group lam")
+        param_group["lam"] = check_lam(param_group["lam"], f"param_groups[{len(self.param_groups)}]['lam']")
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
         else:  # during __init__, before the base optimizer exists
@@ -174,12 +231,31 @@ class FlatnessRegularized(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base_state()
 
-    def _layer_lams(self) -> list[float]:
-        lam_of = {id(p): g["lam"] for g in self.param_groups for p in g["params"]}
-        return [float(lam_of.get(id(w), 0.0)) for w in self._weights]
+    def _layer_lams(self) -> tuple[float | None, list[float]]:
+        """``(lam, lams)``: each weight's ``lam``, and ``lam`` when they are all equal (else ``None``).
+
+        Every group's ``lam`` is checked: a ``ValueError`` (``TypeError``) naming the group.
+        """
+        groups = self.param_groups
+        if groups is not self._indexed_groups or len(groups) != self._indexed_count:
+            where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+            self._weight_group = [where.get(id(w), -1) for w in self._weights]
+            self._one_group = len(groups) == 1 and self._weight_group == [0] * len(self._weights)
+            self._indexed_groups, self._indexed_count = groups, len(groups)
+        lams = []
+        for i, g in enumerate(groups):
+            lam = g.get("lam", 0.0)
+            # passes exactly the finite floats >= 0 (NaN fails both comparisons); the rest is checked in full
+            if type(lam) is not float or not 0.0 <= lam < _INF:
+                lam = check_lam(lam, f"param_groups[{i}]['lam']")
+            lams.append(lam)
+        if self._one_group:  # the usual case
+            return lams[0], lams * len(self._weights)
+        per_layer = [lams[i] if i >= 0 else 0.0 for i in self._weight_group]
+        return (per_layer[0] if per_layer.count(per_layer[0]) == len(per_layer) else None), per_layer
 
     def _use_all_reduce(self) -> bool:
-        if isinstance(self.measurements, Isotropic) or self.sharded is False:
+        if self.sharded is False or isinstance(self.measurements, Isotropic):
             return False
         if not (dist.is_available() and dist.is_initialized()):
             if self.sharded:
@@ -187,48 +263,108 @@ class FlatnessRegularized(torch.optim.Optimizer):
             return False
         return self.sharded or dist.get_world_size(self.process_group) > 1
 
-    def _all_reduce(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Gradient of the trace over the union of the ranks' shards (one collective)."""
+    def _all_reduce(self, trace: torch.Tensor, grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The trace and its gradient over the union of the ranks' shards (one collective)."""
         d_L = self._weights[-1].shape[-2]
         n = float(self.measurements.num_measurements("sum", d_L)) if self.reduction == "mean" else 1.0
-        flat = torch.cat([g.reshape(-1) * n for g in grads] + [grads[0].new_full((1,), n)])
+        parts = [trace.reshape(-1)] + [g.reshape(-1) for g in grads]
+        flat = torch.cat(parts + [grads[0].new_ones(1)]) * n
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
         flat = flat[:-1] / flat[-1] if self.reduction == "mean" else flat[:-1]
-        return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        chunks = flat.split([p.numel() for p in parts])
+        return chunks[0].view_as(trace), [c.view_as(g) for c, g in zip(chunks[1:], grads)]
 
     def regularizer_grads(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(tr ∇²L, [∂ tr/∂W_1, ..., ∂ tr/∂W_L])`` at the current weights (all-reduced under DDP).
 
-        The trace returned is this rank's (not all-reduced); the gradients are
-        the ones ``step`` scales by ``lam`` and adds.
+        The gradients are of the trace summed over a batch of problems, the
+        ones ``step`` scales by ``lam`` and adds; neither output requires grad.
         """
-        with torch.enable_grad():
-            ws = [w.detach().requires_grad_() for w in self._weights]
-            trace = hessian_trace(ws, self.measurements, reduction=self.reduction, backend=self.backend)
-            grads = list(torch.autograd.grad(trace.sum(), ws))
+        trace, grads = hessian_trace_and_grad(self._weights, self.measurements, reduction=self.reduction,
+                                              backend=self.backend)
         if self._use_all_reduce():
-            grads = self._all_reduce(grads)
-        return trace.detach(), grads
+            trace, grads = self._all_reduce(trace, grads)
+        return trace, grads
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        """Evaluate ``closure`` (if given), add ``lam ∇ tr ∇²L`` to the gradients, step the base optimizer."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        lams = self._layer_lams()
-        if any(lam != 0.0 for lam in lams):
-            _, grads = self.regularizer_grads()
-            for w, g, lam in zip(self._weights, grads, lams):
-                if lam == 0.0:
+    def _add_regularizer(self, lam: float | None, lams: list[float]) -> torch.Tensor | None:
+        """Add ``lam_j ∂ tr/∂W_j`` to each ``W_j.grad``; the trace (``None`` when every ``lam`` is 0).
+
+        ``lam``: the common value of ``lams`` (``None`` if they differ).
+        """
+        if lam == 0.0:
+            return None
+        trace, grads = self.regularizer_grads()  # never requires grad: no graph, whatever the grad mode
+        if lam is not None:
+            existing = []
+            for w in self._weights:
+                g = w.grad
+                if g is None or g.requires_grad:
+                    break
+                existing.append(g)
+            else:  # the usual case: one foreach op, and grad mode does not matter
+                torch._foreach_add_(existing, grads, alpha=lam)
+                return trace
+        with torch.no_grad():  # a grad that requires grad (create_graph=True) must not record the add
+            for w, g, lam_j in zip(self._weights, grads, lams):
+                if lam_j == 0.0:
                     continue
                 if w.grad is None:
-                    w.grad = (lam * g).to(w.dtype)
+                    w.grad = torch.mul(g, lam_j)
                 else:
-                    w.grad.add_(g, alpha=lam)
-        self.base_optimizer.step()
+                    w.grad.add_(g, alpha=lam_j)
+        return trace
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """Add ``lam ∇ tr ∇²L`` to the gradients and step the base optimizer.
+
+        With ``closure``, the base optimizer gets a closure that evaluates
+        ``closure()`` (grad enabled), adds the regularizer's gradient at the
+        weights of that evaluation and returns ``closure() + lam · tr``; what the
+        base optimizer's step returns (the first evaluation's value) is returned.
+        """
+        # torch.optim.Optimizer wraps every step in a profiler range and its hooks; the range alone
+        # costs a few µs, a measurable part of a d = 30 step, so it runs only when something sees it
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_step_hooks()
+                or torch.autograd._profiler_enabled()):
+            return self._hooked_step(closure)
+        return self._step(closure)
+
+    step.hooked = True  # tells Optimizer.__init__ not to wrap it: step does so itself when it matters
+
+    def _step(self, closure):
+        lam, lams = self._layer_lams()  # raises on a bad lam before any gradient or weight changes
+        if closure is None:
+            if self._needs_closure:
+                raise TypeError(
+                    f"{type(self.base_optimizer).__name__}.step needs a closure that recomputes the loss and "
+                    "its gradients: call opt.step(closure)"
+                )
+            self.last_trace = self._add_regularizer(lam, lams)
+            self.base_optimizer.step()
+            return None
+        if lam is None:
+            raise ValueError(
+                "step(closure) evaluates loss + lam * trace, which needs one lam for every layer weight "
+                f"W_1, ..., W_L, got the lams {lams} (one per layer); without a closure, lams may differ by group"
+            )
+        traces = []
+
+        def regularized_closure():
+            with torch.enable_grad():
+                loss = closure()
+            trace = self._add_regularizer(lam, lams)
+            traces.append(trace)
+            if trace is None or loss is None:
+                return loss
+            with torch.no_grad():
+                return loss + lam * trace.sum()
+
+        loss = self.base_optimizer.step(regularized_closure)
+        # the first evaluation is at the weights before the step
+        self.last_trace = traces[0] if traces else None
         return loss
+
+    _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
 
     def __repr__(self) -> str:
         lams = sorted({g["lam"] for g in self.param_groups})

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_int
+
 __all__ = ["flatness_lower_bound", "flattest_factorization"]
 
 
@@ -23,6 +25,17 @@ def _check_matrix(M, name="M") -> None:
         raise ValueError(f"{name} must have shape (..., d_L, d_0), got {tuple(M.shape)}")
 
 
+def _check_widths(widths) -> list[int]:
+    """``[d_0, ..., d_L]`` as Python ints: ints and numpy integers pass; bools, floats (``5.9``, and
+    ``5.0`` as in ``range``) and negative widths raise, naming the entry."""
+    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise TypeError(f"widths must be a sequence [d_0, d_1, ..., d_L] of ints, got {type(widths).__name__}")
+    widths = [check_int(w, f"widths[{j}]", minimum=0) for j, w in enumerate(widths)]
+    if len(widths) < 2:
+        raise ValueError(f"widths must list [d_0, ..., d_L] (at least two entries), got {widths}")
+    return widths
+
+
 def flatness_lower_bound(M: torch.Tensor, depth: int) -> torch.Tensor:
     """Minimum of the ``Isotropic`` trace of the Hessian over depth-``depth`` factorizations of ``M``.
 
@@ -30,15 +43,14 @@ def flatness_lower_bound(M: torch.Tensor, depth: int) -> torch.Tensor:
 
     Args:
         M: ``(..., d_L, d_0)``.
-        depth: number of layers ``L >= 1``.
+        depth: number of layers ``L >= 1`` (an int or numpy integer).
 
     Returns:
         Shape ``(...)``.  Attained by ``flattest_factorization`` when the hidden
         widths are at least ``rank M``.
     """
     _check_matrix(M)
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+    depth = check_int(depth, "depth", minimum=1)
     d_L, d_0 = M.shape[-2], M.shape[-1]
     nuc = torch.linalg.matrix_norm(M, ord="nuc")
     return 2 * depth * (d_0 * d_L) ** (1 / depth) * nuc ** (2 - 2 / depth)
@@ -53,7 +65,7 @@ def flattest_factorization(M: torch.Tensor, widths, *, rtol: float | None = None
 
     Args:
         M: ``(d_L, d_0)`` (unbatched).
-        widths: all layer widths ``[d_0, d_1, ..., d_L]`` (``d_0``, ``d_L`` must match ``M``);
+        widths: all layer widths ``[d_0, d_1, ..., d_L]``, ints (``d_0``, ``d_L`` must match ``M``);
             hidden widths must be at least ``rank M``.
         rtol: singular values below ``rtol * σ_max`` count as zero (default: dtype eps × max(d)).
 
@@ -63,9 +75,7 @@ def flattest_factorization(M: torch.Tensor, widths, *, rtol: float | None = None
     _check_matrix(M)
     if M.dim() != 2:
         raise ValueError(f"flattest_factorization takes one matrix M of shape (d_L, d_0), got {tuple(M.shape)}")
-    widths = [int(w) for w in widths]
-    if len(widths) < 2:
-        raise ValueError(f"widths must list [d_0, ..., d_L] (at least two entries), got {widths}")
+    widths = _check_widths(widths)
     d_L, d_0 = M.shape
     if widths[0] != d_0 or widths[-1] != d_L:
         raise ValueError(f"widths {widths} must start with d_0={d_0} and end with d_L={d_L} for M of shape {tuple(M.shape)}")

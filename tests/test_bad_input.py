@@ -2,14 +2,17 @@
 
 import pytest
 import torch
-from helpers import make_measurements, make_weights
+from helpers import ALL_FAMILIES, make_measurements, make_weights
 
 import flatkern as fk
 
 OPS = {
     "hessian_trace": lambda W, m=fk.Isotropic(): fk.hessian_trace(W, m),
+    "hessian_trace_and_grad": lambda W, m=fk.Isotropic(): fk.hessian_trace_and_grad(W, m),
     "end_to_end": lambda W, m=None: fk.end_to_end(W),
-    "mse_loss": lambda W, m=fk.Isotropic(): fk.mse_loss(W, m, torch.zeros(2, 2)),  # weights are checked first
+    # weights are checked first
+    "mse_loss": lambda W, m=fk.Isotropic(): fk.mse_loss(W, m, torch.zeros(2, 2)),
+    "objective": lambda W, m=fk.Isotropic(): fk.objective(W, m, torch.zeros(2, 2), lam=0.1),
 }
 
 
@@ -49,7 +52,7 @@ def test_a_single_tensor_or_a_vector_is_not_a_layer_chain():
         fk.hessian_trace([torch.randn(2, 3, 2), torch.randn(3, 4, 3)], fk.Isotropic())
 
 
-@pytest.mark.parametrize("family", ["entries", "rankone", "dense", "inputs"])
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f != "isotropic"])
 def test_measurements_that_do_not_match_e_name_both_shapes(family):
     W = make_weights([3, 4, 5], dtype=torch.float32)  # E: (5, 3)
     meas, _ = make_measurements(family, 6, 2, dtype=torch.float32)  # built for (6, 2)
@@ -103,9 +106,9 @@ def test_bad_targets_reduction_and_isotropic_sum_without_n():
         fk.hessian_trace(W, fk.Isotropic(), reduction="sum")
 
 
-def test_zero_weights_give_a_finite_trace_not_nan():
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_zero_weights_give_a_finite_trace_not_nan(backend, family):
     W = [torch.zeros(4, 3), torch.zeros(5, 4)]
-    for family in ["isotropic", "entries", "rankone", "dense", "inputs"]:
-        meas, _ = make_measurements(family, 5, 3, dtype=torch.float32)
-        t = fk.hessian_trace(W, meas)
-        assert torch.isfinite(t) and t == 0
+    meas, _ = make_measurements(family, 5, 3, dtype=torch.float32)
+    t = fk.hessian_trace(W, meas, backend=backend)
+    assert torch.isfinite(t) and t == 0

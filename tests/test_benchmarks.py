@@ -12,7 +12,9 @@ import json
 import pytest
 import torch
 
+import flatkern
 import flatkern.benchmarks as B
+from flatkern.benchmarks import floors, peers, timing
 
 TINY = {r.name: r for r in B.TEST_REGIMES}
 EXACT_TOL = dict(rtol=1e-10, atol=1e-10)  # float64 against the float64 reference
@@ -28,7 +30,7 @@ def _provider(name_part, device="cpu"):
 
 
 def _explicit_hessian(problem):
-    loss, theta = B._flat(problem)
+    loss, theta = B.flat_loss(problem)
     return torch.func.hessian(loss)(theta)
 
 
@@ -39,7 +41,7 @@ def test_exact_value_is_the_trace_of_the_explicit_hessian():
         torch.testing.assert_close(problem.exact, _explicit_hessian(problem).trace(), **EXACT_TOL)
 
 
-@pytest.mark.parametrize("backend", B.ops.available_backends("cpu"))
+@pytest.mark.parametrize("backend", flatkern.available_backends("cpu"))
 @pytest.mark.parametrize("name", ["tiny", "tiny-regression", "tiny-batched"])
 def test_flatkern_rows_equal_the_reference(backend, name):
     problem = _problem(name)
@@ -57,7 +59,7 @@ def test_autograd_exact_rows_equal_the_reference(provider, name):
 def test_hvp_loop_is_exact_across_chunk_boundaries():
     # 42 parameters in chunks of 5: the last chunk is partial
     problem = _problem("tiny")
-    torch.testing.assert_close(B._hvp_loop_trace(problem, chunk=5), problem.exact, **EXACT_TOL)
+    torch.testing.assert_close(B.hvp_loop_trace(problem, chunk=5), problem.exact, **EXACT_TOL)
 
 
 @pytest.mark.slow
@@ -127,8 +129,8 @@ def test_peak_memory_sees_a_known_allocation():
 
 
 def test_too_slow_provider_is_extrapolated_and_marked(monkeypatch):
-    monkeypatch.setattr(B, "HVP_MAX_PARAMS", 10)
-    monkeypatch.setattr(B, "HVP_CHUNK", 4)
+    monkeypatch.setattr(peers, "HVP_MAX_PARAMS", 10)
+    monkeypatch.setattr(peers, "HVP_CHUNK", 4)
     row = B.measure(_provider("autograd HVP loop"), _problem("tiny"), min_time=0.0, max_repeat=1)
     assert row["extrapolated"] and row["fwd_s"] > 0 and row["value"] is None
     assert "extrapolated" in row["note"]
@@ -154,3 +156,128 @@ def test_run_on_tiny_regimes_prints_and_writes_the_table(tmp_path, capsys):
     md = tmp_path / "bench.md"
     assert B.main(["--regimes", "tiny", "--min-time", "0", "--providers", "Hessian (", "--out", str(md)]) == 0
     assert "| flatkern[torch] | exact |" in md.read_text()
+
+
+# ------------------------------------------------------------------ the timing harness
+
+
+def test_interleave_runs_blocks_round_robin_after_warm_up_and_sizing():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    t = timing.interleave(fns, rounds=3, number=2, warmup=1)
+    # warm-up and one sizing call per function, then blocks of 2 in turn, 3 rounds
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+    assert list(t) == ["a", "b"]
+    for timing_ in t.values():
+        assert timing_.number == 2 and len(timing_.wall) == len(timing_.cpu) == 3 and timing_.calls == 6
+        assert timing_.median > 0 and timing_.once > 0
+
+
+def test_interleave_sizes_blocks_and_rounds_from_the_time_asked():
+    import time
+
+    sleep = lambda: time.sleep(2e-3)  # noqa: E731
+    t = timing.interleave({"s": sleep}, min_block_s=0.02, warmup=0)["s"]
+    assert 1 <= t.number <= 10  # at least 2 ms per call: at most 10 calls fill 20 ms
+    assert len(t.wall) == 3  # no min_time: 3 rounds
+    t = timing.interleave({"s": sleep}, min_time=1.0, max_rounds=7, warmup=0)["s"]
+    assert len(t.wall) == 7  # 1 s of 2 ms calls would be 500 rounds: capped
+    t = timing.interleave({"s": sleep}, min_time=1e-4, warmup=0)["s"]
+    assert len(t.wall) == 3  # never fewer than 3 rounds
+
+
+def test_interleave_synchronizes_cuda_around_every_timed_region(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    timing.interleave({"f": lambda: events.append("call")}, rounds=2, number=3, warmup=0, device="cuda")
+    block = ["sync", "call", "call", "call", "sync"]
+    assert events == ["sync", "call", "sync"] + block * 2  # the sizing call, then two rounds
+    events.clear()
+    timing.interleave({"f": lambda: events.append("call")}, rounds=1, number=1, warmup=0, device="cpu")
+    assert "sync" not in events
+
+
+def test_ratio_is_the_median_of_per_round_ratios():
+    # a load spike in round 2 slowed both: per round 2, 2, 10, median 2; the ratio of medians would say 10
+    a = timing.Timing(wall=[2.0, 20.0, 10.0])
+    b = timing.Timing(wall=[1.0, 10.0, 1.0])
+    assert timing.ratio(a, b) == 2.0
+    assert timing.ratio(b, a) == 0.5
+
+
+def test_measure_times_through_the_harness_with_cpu_time():
+    row = B.measure(_provider("flatkern[torch]"), _problem("tiny"), min_time=0.0, max_repeat=5, memory=False)
+    assert row["repeats"] == 3 and row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0
+    assert row["fwd_cpu_s"] > 0 and row["fwd_bwd_cpu_s"] > 0
+
+
+def test_single_shot_provider_is_timed_by_its_first_call():
+    row = B.measure(_provider("flatkern[torch]"), _problem("tiny"), min_time=0.0, single_shot=0.0, memory=False)
+    assert row["repeats"] == 1 and row["fwd_s"] == row["first_s"] and "one timed call" in row["note"]
+
+
+def test_auto_row_is_a_backend_that_is_available():
+    assert B.flatkern_auto_backend("cpu") in flatkern.available_backends("cpu")
+
+
+@pytest.mark.parametrize("floor", list(floors.PRODUCTS), ids=lambda f: f.__name__)
+def test_bare_product_floors_do_the_products_they_count(floor):
+    from torch.overrides import TorchFunctionMode
+
+    class CountMM(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.mm:
+                CountMM.count += 1
+            return func(*args, **(kwargs or {}))
+
+    ws = [torch.randn(5, 5, requires_grad=True) for _ in range(4)]
+    with CountMM():
+        floor(ws)
+    assert CountMM.count == floors.PRODUCTS[floor]
+
+
+# ------------------------------------------------------------------ the scripts in bench/ (their rows, not their speed)
+
+
+def _bench_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_cpu_kernels_rows_return_the_reference_gradients():
+    bck = _bench_script("bench_cpu_kernels")
+    for title, ws, meas, compile_ref, bare in bck.cases():
+        if bare or title.startswith("batched"):
+            continue  # the same code as the small cases, only slower
+        providers = bck.providers_for(title, ws, meas, compile_ref, bare, quick=True)
+        assert "torch eager" in providers and len(providers) >= 2
+        bck.check_agreement(providers, rtol=1e-3)
+
+
+def test_bench_training_steps_and_gradients_agree():
+    bt = _bench_script("bench_training")
+    title, ws, meas, b, small = next(bt.cases())  # d=30, L=3, Entries n=300
+    providers = {
+        "unregularized, plain torch": bt.unregularized(meas, b, "torch"),
+        "unregularized, torch.optim.SGD": bt.unregularized_torch_optim(meas, b),
+        "regularized, objective": bt.regularized_objective(meas, b, "auto"),
+        "regularized, FlatnessRegularized": bt.regularized_optimizer(meas, b),
+        "regularized, torch reference (unshared)": bt.regularized_reference(meas, b),
+    }
+    bt.check_agreement(providers, ws, rtol=1e-3)
+    for title, ws, meas in bt.grad_cases():
+        ref = bt.reference_grad(meas, ws, "torch")()
+        rows = [bt.reference_grad(meas, ws, "auto")]
+        if hasattr(flatkern, "hessian_trace_and_grad"):
+            rows.append(bt.one_call_grad(meas, ws))
+        for fn in rows:
+            for a, r in zip(fn(), ref):
+                torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -81,3 +82,61 @@ def test_reproduce_without_cvxpy_stops_before_training(monkeypatch, capsys, tmp_
     assert cli.main(["reproduce", "--quick", "--out", str(tmp_path / "out")]) == 2
     assert "needs cvxpy" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- options checked before any work (issue 11 §4)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make any start of the grid fail the test: the checks must come first."""
+    import flatkern.experiments
+
+    def started(*args, **kwargs):
+        raise AssertionError("the grid started before the options were checked")
+
+    monkeypatch.setattr(flatkern.experiments, "run_grid", started)
+
+
+def _refused(capsys, argv) -> str:
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert time.perf_counter() - start < 1.0
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: flatkern reproduce") and "flatkern reproduce: error: argument " in err, err
+    return err
+
+
+def test_out_under_a_regular_file_is_refused_before_any_work(tmp_path, capsys, no_work):
+    (tmp_path / "file").write_text("")
+    err = _refused(capsys, ["reproduce", "--quick", "--out", str(tmp_path / "file" / "out")])
+    assert "argument --out" in err and "Not a directory" in err
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys, no_work):
+    if os.geteuid() == 0:  # root writes anywhere chmod allows: use a folder nobody can create files in
+        out = Path("/proc/flatkern-out")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "out"
+    err = _refused(capsys, ["reproduce", "--quick", "--out", str(out)])
+    assert f"argument --out: cannot write to {out}" in err
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "two"])
+def test_a_worker_count_below_one_is_refused_before_any_work(tmp_path, capsys, no_work, workers):
+    err = _refused(capsys, ["reproduce", "--quick", "--out", str(tmp_path), "--workers", workers])
+    assert "argument --workers" in err
+
+
+def test_an_unavailable_backend_is_refused_before_any_work(tmp_path, capsys, no_work, monkeypatch):
+    import flatkern.ops
+
+    monkeypatch.setattr(flatkern.ops, "available_backends", lambda device="cpu", *a, **k: ["torch"])
+    err = _refused(capsys, ["reproduce", "--quick", "--out", str(tmp_path), "--backend", "cpp"])
+    assert "argument --backend: cpp is not available" in err and "available: torch" in err

@@ -1,5 +1,6 @@
 """flatkern.nn: DeepLinear and hessian_trace_of against torch.func.hessian (float64)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -143,5 +144,55 @@ def test_bad_arguments_raise_clear_errors():
         hessian_trace_of(model, torch.randn(5, 3), loss="l1")
     with pytest.raises(TypeError, match="LSTM"):
         hessian_trace_of(nn.LSTM(3, 2), torch.randn(5, 3))
-    with pytest.raises(ValueError, match="dims"):
+    with pytest.raises(ValueError, match="widths must list at least two"):
         DeepLinear([3])
+
+
+def test_deeplinear_of_a_single_int_says_widths_must_be_a_sequence():
+    with pytest.raises(TypeError, match=r"widths must be a sequence of ints \[d_0, d_1, \.\.\., d_L\].*got 20 \(int\)"):
+        DeepLinear(20)
+
+
+@pytest.mark.parametrize("widths", [np.array([3, 4, 2]), [np.int64(3), np.int32(4), 2], (3, np.int16(4), np.int64(2))])
+def test_deeplinear_takes_numpy_integers_as_widths(widths):
+    model = DeepLinear(widths)
+    assert model.widths == [3, 4, 2] and all(type(d) is int for d in model.widths)
+    assert [tuple(w.shape) for w in model.weights] == [(4, 3), (2, 4)]
+    assert "widths=[3, 4, 2]" in repr(model)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ([3, True, 2], TypeError, r"widths\[1\] must be an integer, got the bool True"),
+    ([3, np.True_, 2], TypeError, r"widths\[1\] must be an integer, got the bool"),
+    ([3, 4.5, 2], TypeError, r"widths\[1\] must be an integer, got 4\.5"),
+    ([3, 4.0, 2], TypeError, r"widths\[1\] must be an integer, got 4\.0"),
+    ([3, 0, 2], ValueError, r"widths\[1\] must be >= 1, got 0"),
+    ("34", TypeError, "widths must be a sequence of ints"),
+])
+def test_deeplinear_refuses_bools_floats_and_zero_widths_naming_the_entry(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        DeepLinear(bad)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_samples_mean_raises_naming_the_inputs_shape(loss, bias):
+    # plain torch's mean loss over no samples is NaN: there is no trace to give
+    model = DeepLinear([3, 4, 2], bias=bias, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"inputs has shape \(0, 3\): no samples"):
+        hessian_trace_of(model, torch.zeros(0, 3, dtype=torch.float64), loss=loss)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_samples_sum_is_zero_like_plain_torch(loss, bias):
+    # plain torch's summed loss over no samples is identically 0, and so is its Hessian
+    torch.manual_seed(9)
+    model = DeepLinear([3, 4, 2], bias=bias, dtype=torch.float64)
+    x = torch.zeros(0, 3, dtype=torch.float64)
+    y = _targets(loss, x, 2, torch.Generator().manual_seed(0))
+    want = _autograd_trace(model, x, y, loss, "sum")
+    got = hessian_trace_of(model, x, loss=loss, reduction="sum")
+    assert want.item() == 0.0 and got.item() == 0.0 and got.requires_grad
+    torch.testing.assert_close(hessian_trace_of(model, x, loss=loss, reduction="sum", per_layer=True),
+                               torch.zeros(2, dtype=torch.float64))

@@ -1,13 +1,16 @@
 """flatkern.optim.FlatnessRegularized: equal to a hand-written step on loss + lam * trace."""
 
 import copy
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import flatkern
 from flatkern.nn import DeepLinear
@@ -151,7 +154,7 @@ def test_gradient_accumulation_adds_the_regularizer_once_per_step():
         torch.testing.assert_close(w, r, **F64)
 
 
-def test_closure_is_evaluated_and_its_loss_returned():
+def test_closure_is_evaluated_and_the_regularized_objective_returned():
     weights, meas, b = _problem(seed=5)
     ws, ref = _leaves(weights), _leaves(weights)
     opt = FlatnessRegularized(ws, torch.optim.SGD, lam=0.1, measurements=meas, lr=0.05)
@@ -163,10 +166,195 @@ def test_closure_is_evaluated_and_its_loss_returned():
         return loss
 
     loss = opt.step(closure)
-    assert loss.item() == pytest.approx(flatkern.mse_loss(weights, meas, b).item())
+    trace0 = flatkern.hessian_trace(weights, meas, backend="torch")
+    torch.testing.assert_close(loss, flatkern.mse_loss(weights, meas, b) + 0.1 * trace0, **F64)
+    torch.testing.assert_close(opt.last_trace, trace0, **F64)
     _hand_step(ref, torch.optim.SGD(ref, lr=0.05), meas, b, 0.1)
     for w, r in zip(ws, ref):
         torch.testing.assert_close(w, r, **F64)
+
+
+def _isotropic_fit_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(6, 2, dtype=torch.float64, generator=g) @ torch.randn(2, 5, dtype=torch.float64, generator=g) / 2
+    weights = [0.5 * torch.randn(4, 5, dtype=torch.float64, generator=g), 0.5 * torch.randn(4, 4, dtype=torch.float64, generator=g),
+               0.5 * torch.randn(6, 4, dtype=torch.float64, generator=g)]
+    return weights, flatkern.Isotropic(), M
+
+
+_LBFGS = dict(lr=1.0, max_iter=10, line_search_fn="strong_wolfe", tolerance_grad=1e-14, tolerance_change=1e-16)
+
+
+def test_lbfgs_step_with_closure_equals_lbfgs_on_loss_plus_lam_trace():
+    # every evaluation of the line search sees loss + lam * trace and its gradient: the same
+    # iterates as torch's LBFGS on a closure that writes the regularized objective by hand
+    weights, meas, M = _isotropic_fit_problem()
+    lam = 0.05
+    ws, ref = _leaves(weights), _leaves(weights)
+    opt = FlatnessRegularized(ws, torch.optim.LBFGS, lam=lam, measurements=meas, **_LBFGS)
+    base = torch.optim.LBFGS(ref, **_LBFGS)
+    values, ref_values = [], []
+
+    def closure():
+        opt.zero_grad()
+        loss = flatkern.mse_loss(ws, meas, M)
+        loss.backward()
+        return loss
+
+    def ref_closure():
+        base.zero_grad()
+        total = flatkern.mse_loss(ref, meas, M) + lam * flatkern.hessian_trace(ref, meas, backend="torch")
+        total.backward()
+        ref_values.append(total.item())
+        return total
+
+    for _ in range(2):
+        values.append(opt.step(closure).item())
+        base.step(ref_closure)
+    assert values[0] == pytest.approx(ref_values[0], rel=1e-12, abs=0)
+    assert values[1] < values[0]
+    for w, r in zip(ws, ref):
+        torch.testing.assert_close(w, r, atol=1e-9, rtol=1e-9)
+
+
+def test_lbfgs_without_a_closure_raises_before_touching_the_gradients():
+    weights, meas, M = _isotropic_fit_problem()
+    ws = _leaves(weights)
+    opt = FlatnessRegularized(ws, torch.optim.LBFGS, lam=0.05, measurements=meas, **_LBFGS)
+    flatkern.mse_loss(ws, meas, M).backward()
+    grads = [w.grad.clone() for w in ws]
+    with pytest.raises(TypeError, match=r"LBFGS\.step needs a closure.*opt\.step\(closure\)"):
+        opt.step()
+    assert all(torch.equal(w.grad, g) for w, g in zip(ws, grads))
+
+
+def test_lbfgs_with_closure_converges_to_a_stationary_point_of_loss_plus_lam_trace():
+    weights, meas, M = _isotropic_fit_problem(seed=1)
+    lam = 0.05
+    ws = _leaves(weights)
+    opt = FlatnessRegularized(ws, torch.optim.LBFGS, lam=lam, measurements=meas, **{**_LBFGS, "max_iter": 100})
+
+    def closure():
+        opt.zero_grad()
+        loss = flatkern.mse_loss(ws, meas, M)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    ref = _leaves([w.detach() for w in ws])
+    data = flatkern.mse_loss(ref, meas, M)
+    trace = flatkern.hessian_trace(ref, meas, backend="torch")
+    g_total = torch.autograd.grad(data + lam * trace, ref, retain_graph=True)
+    g_data = torch.autograd.grad(data, ref)
+    assert max(g.abs().max().item() for g in g_total) < 1e-7
+    # the trace is in the objective: the data loss alone is far from stationary there
+    assert max(g.abs().max().item() for g in g_data) > 1e-2
+
+
+def test_closure_with_different_lams_per_layer_raises():
+    weights, meas, b = _problem()
+    ws = _leaves(weights)
+    opt = FlatnessRegularized([{"params": ws[:1], "lam": 0.1}, {"params": ws[1:], "lam": 0.2}], torch.optim.SGD,
+                              lam=0.1, measurements=meas, lr=0.1)
+    with pytest.raises(ValueError, match=r"one lam for every layer weight W_1, \.\.\., W_L, got the lams \[0\.1, 0\.2, 0\.2\]"):
+        opt.step(lambda: flatkern.mse_loss(ws, meas, b))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -0.5])
+@pytest.mark.parametrize("with_closure", [False, True])
+def test_bad_lam_set_after_construction_raises_naming_the_group_before_any_change(bad, with_closure):
+    weights, meas, b = _problem(seed=9)
+    ws = _leaves(weights)
+    opt = FlatnessRegularized([{"params": ws[:1]}, {"params": ws[1:]}], torch.optim.SGD, lam=0.1, measurements=meas,
+                              lr=0.1, momentum=0.9)
+    flatkern.mse_loss(ws, meas, b).backward()
+    opt.step()
+    before = [w.detach().clone() for w in ws]
+    grads = [w.grad.clone() for w in ws]
+    opt.param_groups[1]["lam"] = bad
+    calls = []
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lam'\] must be a finite number >= 0"):
+        opt.step((lambda: calls.append(1) or flatkern.mse_loss(ws, meas, b)) if with_closure else None)
+    assert not calls
+    for w, w0, g, g0 in zip(ws, before, (w.grad for w in ws), grads):
+        assert torch.equal(w.detach(), w0) and torch.equal(g, g0)
+
+
+@pytest.mark.parametrize("lam", [np.float32(0.25), np.float64(0.25), np.int64(1), 1])
+def test_numpy_and_int_lams_are_accepted_as_numbers(lam):
+    weights, meas, b = _problem(seed=10)
+    ws, ref = _leaves(weights), _leaves(weights)
+    opt = FlatnessRegularized(ws, torch.optim.SGD, lam=0.1, measurements=meas, lr=0.05)
+    opt.param_groups[0]["lam"] = lam
+    flatkern.mse_loss(ws, meas, b).backward()
+    opt.step()
+    _hand_step(ref, torch.optim.SGD(ref, lr=0.05), meas, b, float(lam))
+    for w, r in zip(ws, ref):
+        torch.testing.assert_close(w, r, **F64)
+
+
+@pytest.mark.parametrize("bad, exc", [(True, TypeError), ("0.1", TypeError), (torch.tensor(0.1), TypeError)])
+def test_a_lam_that_is_not_a_number_raises_naming_the_group(bad, exc):
+    weights, meas, _ = _problem()
+    opt = FlatnessRegularized(_leaves(weights), torch.optim.SGD, lam=0.1, measurements=meas, lr=0.05)
+    opt.param_groups[0]["lam"] = bad
+    with pytest.raises(exc, match=r"param_groups\[0\]\['lam'\] must be a number"):
+        opt.step()
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_last_trace_is_the_trace_at_the_weights_before_the_step(batch):
+    g = torch.Generator().manual_seed(12)
+    weights = [torch.randn(*batch, 6, 5, dtype=torch.float64, generator=g) / 3, torch.randn(*batch, 4, 6, dtype=torch.float64, generator=g) / 3]
+    meas = flatkern.RankOne(torch.randn(7, 4, dtype=torch.float64, generator=g), torch.randn(7, 5, dtype=torch.float64, generator=g))
+    ws = _leaves(weights)
+    opt = FlatnessRegularized(ws, torch.optim.Adam, lam=0.3, measurements=meas, reduction="sum", lr=0.01)
+    assert opt.last_trace is None
+    for _ in range(3):
+        before = [w.detach().clone() for w in ws]
+        opt.zero_grad()
+        opt.step()
+        want = flatkern.hessian_trace(before, meas, reduction="sum", backend="torch")
+        assert opt.last_trace.shape == batch and not opt.last_trace.requires_grad
+        torch.testing.assert_close(opt.last_trace, want, **F64)
+    opt.param_groups[0]["lam"] = 0.0  # nothing computed, nothing stale
+    opt.step()
+    assert opt.last_trace is None
+
+
+def test_batched_weights_step_equals_hand_written_step_per_problem():
+    g = torch.Generator().manual_seed(13)
+    weights = [torch.randn(2, 5, 4, dtype=torch.float64, generator=g) / 2, torch.randn(2, 3, 5, dtype=torch.float64, generator=g) / 2]
+    meas = flatkern.Entries.uniform(9, (3, 4), generator=g)
+    b = torch.randn(2, 9, dtype=torch.float64, generator=g)
+    ws, ref = _leaves(weights), _leaves(weights)
+    opt = FlatnessRegularized(ws, torch.optim.SGD, lam=0.4, measurements=meas, lr=0.1, momentum=0.9, nesterov=True)
+    base = torch.optim.SGD(ref, lr=0.1, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        opt.zero_grad()
+        flatkern.mse_loss(ws, meas, b).sum().backward()
+        opt.step()
+        base.zero_grad()
+        (flatkern.mse_loss(ref, meas, b) + 0.4 * flatkern.hessian_trace(ref, meas, backend="torch")).sum().backward()
+        base.step()
+    for w, r in zip(ws, ref):
+        torch.testing.assert_close(w, r, **F64)
+
+
+def test_step_makes_one_hessian_trace_and_grad_call_and_no_autograd_graph(monkeypatch):
+    import flatkern.optim as optim_module
+
+    weights, meas, b = _problem(seed=14)
+    ws = _leaves(weights)
+    opt = FlatnessRegularized(ws, torch.optim.SGD, lam=0.2, measurements=meas, lr=0.05)
+    calls = []
+    real = optim_module.hessian_trace_and_grad
+    monkeypatch.setattr(optim_module, "hessian_trace_and_grad", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    flatkern.mse_loss(ws, meas, b).backward()
+    opt.step()
+    assert len(calls) == 1
+    assert all(w.grad.grad_fn is None and not w.grad.requires_grad for w in ws)
 
 
 def test_grad_scaler_adds_the_regularizer_after_unscaling():
@@ -216,10 +404,43 @@ def test_deeplinear_biases_are_optimized_but_not_regularized():
     torch.testing.assert_close(model.layers[1].bias.detach(), before[3] - 0.1 * data_grads["layers.1.bias"], **F64)
 
 
+def test_step_hooks_and_the_profiler_range_still_run():
+    weights, meas, b = _problem(seed=15)
+    ws = _leaves(weights)
+    opt = FlatnessRegularized(ws, torch.optim.SGD, lam=0.2, measurements=meas, lr=0.05)
+    calls = []
+    handles = [opt.register_step_pre_hook(lambda o, a, k: calls.append("pre")),
+               opt.register_step_post_hook(lambda o, a, k: calls.append("post"))]
+    opt.step()
+    assert calls == ["pre", "post"]
+    for h in handles:
+        h.remove()
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: calls.append(type(o).__name__))
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    assert calls[2:] == ["FlatnessRegularized", "SGD"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#FlatnessRegularized.step" in {e.name for e in prof.events()}
+
+
+def test_an_optimizer_object_as_base_optimizer_says_to_pass_the_class():
+    weights, meas, _ = _problem()
+    ws = _leaves(weights)
+    with pytest.raises(TypeError, match=r"optimizer class or a factory.*already built SGD.*torch\.optim\.SGD"):
+        FlatnessRegularized(ws, torch.optim.SGD(ws, lr=0.1), lam=0.1, measurements=meas)
+    with pytest.raises(TypeError, match="optimizer class"):
+        FlatnessRegularized(ws, "SGD", lam=0.1, measurements=meas)
+
+
 def test_bad_arguments_raise_clear_errors():
     weights, meas, _ = _problem()
-    with pytest.raises(ValueError, match="lam must be a number >= 0"):
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
         FlatnessRegularized(_leaves(weights), lam=-1.0, measurements=meas, lr=0.1)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lam'\] must be a finite number >= 0"):
+        FlatnessRegularized([{"params": weights[:1]}, {"params": weights[1:], "lam": math.nan}], lam=0.1, measurements=meas, lr=0.1)
     with pytest.raises(TypeError, match="Conv1d"):
         FlatnessRegularized(nn.Conv1d(1, 1, 1), lam=0.1, measurements=meas, lr=0.1)
     with pytest.raises(ValueError, match="do not chain"):
@@ -255,16 +476,17 @@ def _ddp_worker(rank, world, init_file, out_dir):
             opt.zero_grad()
             nn.functional.mse_loss(ddp(xs[rank]), ys[rank]).backward()
             opt.step()
-        torch.save([w.detach() for w in model.weights], os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save([w.detach() for w in model.weights] + [opt.last_trace], os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_ranks_apply_the_same_regularizer_and_match_a_single_process_run(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    (*w0, trace0), (*w1, trace1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for a, c in zip(w0, w1):
         assert torch.equal(a, c)
+    assert torch.equal(trace0, trace1)  # last_trace: the trace over the union of the shards, on every rank
 
     # single process: DDP averages the shard losses' gradients; the trace is over all inputs
     torch.manual_seed(0)
@@ -276,10 +498,12 @@ def test_ddp_ranks_apply_the_same_regularizer_and_match_a_single_process_run(tmp
     for _ in range(_STEPS):
         base.zero_grad()
         data = sum(nn.functional.mse_loss(model(x), y) for x, y in zip(xs, ys)) / 2
-        (data + _LAM * flatkern.hessian_trace(ws, full)).backward()
+        trace = flatkern.hessian_trace(ws, full)
+        (data + _LAM * trace).backward()
         base.step()
     for a, w in zip(w0, ws):
         torch.testing.assert_close(a, w.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(trace0, trace.detach(), atol=1e-12, rtol=1e-12)
 
 
 # ------------------------------------------------------------------ the theorem, found by the optimizer

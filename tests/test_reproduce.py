@@ -1,8 +1,10 @@
-"""`flatkern reproduce`: the pieces are right, and the --quick run shows what the theory says.
+"""`flatkern reproduce`: the pieces are right, the --quick run shows what the theory says, and no work is lost.
 
-The science claims (issue 6) are checked on the records of one `--quick` run:
+The science claims (issues 6, 14) are checked on the records of one `--quick` run:
 training finds the flattest factorization, and on Gaussian sensing flatness
 regularization recovers the low-rank matrix where gradient descent does not.
+The run's robustness (issue 11 §4: journal, Ctrl-C, --resume, atomic writes,
+torchrun) is checked on a tiny grid that takes seconds.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,7 +26,8 @@ import flatkern as fk
 from flatkern.experiments import GRIDS, run_task, tasks_of
 from flatkern.experiments.baselines import balanced_factorization, nuclear_norm_solution
 from flatkern.experiments.recovery import RecoverySettings, make_problem
-from flatkern.experiments.report import FIGURES
+from flatkern.experiments.journal import Journal, read_journals
+from flatkern.experiments.report import FIGURES, without_timings
 from flatkern.experiments.training import curvature_bound, kernel_norm, standard_init
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +150,7 @@ def test_quick_run_writes_results_summary_and_figures(quick_run):
 
 def test_quick_records_follow_the_results_contract(quick_run):
     _, records, _ = quick_run
-    assert {r["experiment"] for r in records} == {"flattest", "sensing", "completion"}
+    assert {r["experiment"] for r in records} == {"flattest", "sensing", "completion", "trajectory"}
     for r in records:
         assert REQUIRED_KEYS <= set(r), r
         if r["experiment"] == "flattest":
@@ -153,10 +158,59 @@ def test_quick_records_follow_the_results_contract(quick_run):
         else:
             assert isinstance(r["n"], int) and r["rel_error"] >= 0
     methods = {(r["experiment"], r["method"]) for r in records}
-    for m in ("flatness", "balanced", "weight_decay"):
+    for m in ("flattest_solution", "flatness", "balanced", "weight_decay"):
         assert ("flattest", m) in methods
-    for m in ("gd", "gd_small_init", "flatness", "nuclear_norm", "label_noise"):
+    for m in ("gd", "gd_small_init", "flatness", "flattest_solution", "nuclear_norm", "label_noise"):
         assert ("sensing", m) in methods and ("completion", m) in methods
+    for m in ("gd", "label_noise", "sam", "flatness"):
+        assert ("trajectory", m) in methods
+    for r in records:
+        if r["method"] == "flattest_solution":
+            assert r["nuclear_norm"] > 0 and r["feasibility"] >= 0 and r["iterations"] > 0, r
+
+
+def test_quick_trajectories_have_at_least_twenty_log_spaced_ratios(quick_run):
+    out, records, _ = quick_run
+    runs = [r for r in records if r["experiment"] == "trajectory"]
+    assert len({r["depth"] for r in runs}) >= 2
+    for r in runs:
+        steps, ratios = r["steps"], r["ratios"]
+        assert len(steps) == len(ratios) >= 20 and steps == sorted(set(steps)) and steps[0] >= 1
+        assert steps[-1] / steps[0] >= 100 and steps[len(steps) // 2] < steps[-1] / 5  # log-spaced, not linear
+        assert all(x > 0 for x in ratios)
+        assert r["ratio"] == ratios[-1] and r["reference_trace"] > 0
+    # the wall times live beside results.json, which holds only what the tasks compute
+    timings = [t for t in json.loads((out / "timings.json").read_text()) if t["experiment"] == "trajectory"]
+    assert len(timings) == len(runs) and all(t["step_seconds"] > 0 and t["trace_seconds"] > 0 for t in timings)
+    assert not any("step_seconds" in r or "solve_seconds" in r for r in records)
+
+
+def test_flattest_solution_reaches_the_theorem_s_minimum_for_a_fixed_matrix(quick_run):
+    _, records, _ = quick_run
+    solved = [r for r in records if r["experiment"] == "flattest" and r["method"] == "flattest_solution"]
+    assert {r["depth"] for r in solved} >= {2, 3, 4}
+    for r in solved:
+        assert r["fit_error"] <= 1e-6 and 1 - 1e-9 <= r["ratio"] <= 1.001, r
+
+
+@pytest.mark.parametrize("experiment", ["sensing", "completion"])
+def test_flattest_solution_has_the_convex_program_s_nuclear_norm(quick_run, experiment):
+    _, records, _ = quick_run
+    convex = {(r["n"], r["seed"]): r["nuclear_norm"] for r in records
+              if r["experiment"] == experiment and r["method"] == "nuclear_norm"}
+    solved = [r for r in records if r["experiment"] == experiment and r["method"] == "flattest_solution"]
+    assert solved
+    for r in solved:
+        assert abs(r["nuclear_norm"] / convex[(r["n"], r["seed"])] - 1) <= 2e-3, r
+        assert r["feasibility"] <= 1e-6, r
+
+
+def test_quick_summary_shows_the_equality_and_the_cost_of_tracking_the_trace(quick_run):
+    out, _, _ = quick_run
+    summary = (out / "summary.md").read_text()
+    assert "`flattest_solution`'s nuclear norm against the convex program's optimum at every n" in summary
+    assert "## trajectory" in summary and "What tracking the exact trace cost" in summary
+    assert "trajectory.png" in summary
 
 
 def test_training_finds_the_flattest_factorization(quick_run):
@@ -200,6 +254,7 @@ def test_flatness_matches_nuclear_norm_where_the_convex_program_recovers(quick_r
     assert checked > 0  # the quick grid must contain a point where nuclear norm recovers
 
 
+@pytest.mark.slow  # the tiny-grid torchrun test below checks the same in the default run
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_torchrun_two_processes_write_the_same_results(quick_run, tmp_path):
     out, records, _ = quick_run
@@ -212,4 +267,272 @@ def test_torchrun_two_processes_write_the_same_results(quick_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in out.iterdir())
     assert json.loads((tmp_path / "results.json").read_text()) == records
-    assert "on 2 process(es)" in (tmp_path / "summary.md").read_text()
+    assert "on 2 worker processes" in (tmp_path / "summary.md").read_text()
+
+
+# ---------------------------------------------------------------- the main job never loses work (issue 11 §4)
+
+# 8 tasks of a fraction of a second each, put in place of --quick in a subprocess
+TINY_GRID = """
+from flatkern.experiments import GRIDS, Grid
+from flatkern.experiments.flattest import FlattestSettings
+GRIDS["quick"] = Grid(
+    "tiny", flattest_matrices=(((5, 5), 2),), flattest_depths=(2, 3), flattest_seeds=(0, 1, 2, 3), experiments=(),
+    flattest=FlattestSettings(steps=150, polish_steps=30),
+)
+"""
+
+
+def _tiny_grid():
+    scope = {}
+    exec(TINY_GRID.replace('GRIDS["quick"] = ', "grid = "), scope)
+    return scope["grid"]
+
+
+def _tiny_command(out, *args):
+    """`flatkern reproduce --quick --out OUT ARGS` with the tiny grid as --quick, as the program itself (main())."""
+    code = TINY_GRID + "import sys\nfrom flatkern.cli import main\nsys.exit(main())\n"
+    return [sys.executable, "-c", code, "reproduce", "--quick", "--out", str(out), "--no-progress", "--quiet", *args]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _finished_tasks(out: Path) -> int:
+    return len(read_journals(out)[1]) if out.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def tiny_records():
+    """The tiny grid's records, run task by task in this process (one thread, as the workers do)."""
+    grid = _tiny_grid()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [r for task in tasks_of(grid) for r in run_task(task, grid, "torch")]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _interrupt_when_tasks_are_saved(proc, out: Path, group: bool = False, tasks: int = 2) -> tuple[float, list[int]]:
+    """Send SIGINT once ``tasks`` tasks are in the journal.
+
+    Returns the seconds until the command and every worker process it started
+    are gone, and those still alive then.  multiprocessing's resource tracker
+    (a helper that does no work and leaves when its parent does) is not waited
+    for here, only required gone within 10 s.
+    """
+    deadline = time.monotonic() + 240
+    while _finished_tasks(out) < tasks:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no task finished in 240 s"
+        time.sleep(0.02)
+    family = _children(proc.pid)
+    family += [k for c in family for k in _children(c)]  # torchrun's ranks' workers
+    trackers = [p for p in family if "resource_tracker" in _cmdline(p)]
+    family = [p for p in family if p not in trackers]
+    assert family, "the run has no worker processes"
+    start = time.monotonic()
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does to torchrun
+    else:
+        proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    while any(_alive(p) for p in family) and time.monotonic() - start < 30:
+        time.sleep(0.01)
+    seconds = time.monotonic() - start
+    while any(_alive(p) for p in trackers) and time.monotonic() - start < 10:
+        time.sleep(0.05)
+    return seconds, [p for p in family + trackers if _alive(p)]
+
+
+def test_ctrl_c_stops_within_two_seconds_keeps_records_and_resume_ends_with_the_same_results(tmp_path, tiny_records):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_tiny_command(out, "--workers", "2"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seconds, alive = _interrupt_when_tasks_are_saved(proc, out)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert seconds <= 2.0 and not alive, (seconds, alive)  # the workers included
+    saved = _finished_tasks(out)
+    assert 2 <= saved < len(tasks_of(_tiny_grid())), saved
+    assert f"flatkern reproduce --quick --out {out} --resume" in stderr
+    assert not (out / "results.json").exists()
+
+    resumed = subprocess.run(_tiny_command(out, "--resume", "--workers", "2"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text()) == without_timings(tiny_records)
+    summary = (out / "summary.md").read_text()
+    assert "on 2 worker processes" in summary and f"resumed: {saved} tasks came" in summary
+    assert not list(out.glob("records*.jsonl"))  # the journal is gone once results.json holds everything
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_ctrl_c_keeps_every_rank_s_records_and_resume_ends_with_the_same_results(tmp_path, tiny_records):
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    code = _tiny_command(out)[2]
+    torchrun = ["torchrun", "--standalone", "--nproc_per_node=2", "--no-python", sys.executable, "-c", code,
+                "reproduce", "--quick", "--out", str(out), "--no-progress", "--quiet"]
+    proc = subprocess.Popen(torchrun, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    seconds, alive = _interrupt_when_tasks_are_saved(proc, out, group=True, tasks=3)
+    stderr = proc.stderr.read()
+    assert proc.returncode != 0 and not alive, (proc.returncode, alive)
+    # the launcher's own shutdown (its signal round trip and torch's teardown) comes on top of the ranks'
+    assert seconds <= 5.0, seconds
+    assert f"--out {out} --resume" in stderr, stderr[-3000:]
+    assert (out / "records.jsonl").exists() and (out / "records.rank1.jsonl").exists()
+    assert not (out / "results.json").exists()
+
+    resumed = subprocess.run([*torchrun, "--resume"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text()) == without_timings(tiny_records)
+    assert "on 2 worker processes" in (out / "summary.md").read_text()  # one per rank
+    assert not list(out.glob("records*.jsonl"))
+
+
+def _journal_with_one_task(out: Path, grid, backend="torch", command="flatkern reproduce --quick"):
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = tasks_of(grid)
+    journal = Journal(out, 0, grid, tasks, backend, command)
+    journal.append(0, tasks[0], [{"experiment": "flattest", "value": 0.1}], 1.0)
+    journal.close()
+    return out / "records.jsonl"
+
+
+def _reproduce_error(capsys, argv) -> str:
+    from flatkern import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_resume_refuses_the_records_of_another_grid(tmp_path, capsys):
+    journal = _journal_with_one_task(tmp_path / "out", GRIDS["quick"])
+    before = journal.read_text()
+    err = _reproduce_error(capsys, ["reproduce", "--out", str(tmp_path / "out"), "--resume"])  # the default grid
+    assert "cannot resume" in err and "grid 'quick'" in err and "grid 'default'" in err
+    assert "flatkern reproduce --quick --out" in err  # the command that does resume it
+    assert journal.read_text() == before
+
+
+def test_resume_refuses_another_backend(tmp_path, capsys):
+    _journal_with_one_task(tmp_path / "out", GRIDS["quick"], backend="auto", command="flatkern reproduce --quick --backend auto")
+    err = _reproduce_error(capsys, ["reproduce", "--quick", "--out", str(tmp_path / "out"), "--resume"])
+    assert "cannot resume" in err and "backend 'auto'" in err
+
+
+def test_a_fresh_run_does_not_overwrite_an_unfinished_run(tmp_path, capsys):
+    journal = _journal_with_one_task(tmp_path / "out", GRIDS["quick"])
+    before = journal.read_text()
+    err = _reproduce_error(capsys, ["reproduce", "--quick", "--out", str(tmp_path / "out")])
+    assert "unfinished run (1 of" in err and "--resume" in err
+    assert journal.read_text() == before
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
+    err = _reproduce_error(capsys, ["reproduce", "--quick", "--out", str(tmp_path / "empty"), "--resume"])
+    assert "nothing to resume" in err
+
+
+def test_a_journal_line_cut_short_by_a_kill_is_skipped(tmp_path):
+    journal = _journal_with_one_task(tmp_path, GRIDS["quick"])
+    with open(journal, "a") as f:
+        f.write('{"index": 1, "task": ["flattest", [8, 8], 2, 3, 0], "seconds": 1.0, "reco')
+    headers, entries = read_journals(tmp_path)
+    assert len(headers) == 1 and list(entries) == [0]
+
+
+def test_results_summary_and_figures_are_replaced_whole_or_not_at_all(tmp_path, tiny_records, monkeypatch):
+    from flatkern.experiments import report
+
+    report.write_results(tiny_records, tmp_path, grid="tiny", seconds=1.0, command="first", processes=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert {"results.json", "summary.md", FIGURES["flattest"]} <= set(before)
+
+    real = report._save
+
+    def interrupted(fig, path):  # Ctrl-C while the last figure is being written
+        real(fig, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "_save", interrupted)
+    changed = [dict(r, seed=99) for r in tiny_records]
+    with pytest.raises(KeyboardInterrupt):
+        report.write_results(changed, tmp_path, grid="tiny", seconds=2.0, command="second", processes=1)
+    # no temporary file left behind, and results.json and summary.md are still the first run's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+    assert (tmp_path / "results.json").read_bytes() == before["results.json"]
+    assert (tmp_path / "summary.md").read_bytes() == before["summary.md"]
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _synthetic_records(depths, ns=(80, 200)):
+    records = []
+    for depth in depths:
+        records.append(dict(experiment="flattest", method="flattest_solution", depth=depth, ratio=1.0))
+        records.append(dict(experiment="flattest", method="balanced", depth=depth, ratio=1.2))
+        for experiment in ("sensing", "completion"):
+            for n in ns:
+                for method in ("gd", "gd_small_init", "label_noise", "flatness", "flattest_solution"):
+                    records.append(dict(experiment=experiment, method=method, depth=depth, n=n, seed=0, d=20, rank=2,
+                                        rel_error=0.5, nuclear_norm=10.0))
+        for method in ("gd", "label_noise", "sam", "flatness"):
+            records.append(dict(experiment="trajectory", method=method, depth=depth, n=200, seed=0, d=20, rank=2,
+                                steps=[1, 10, 100, 1000], ratios=[3.0, 2.0, 1.5, 1.2]))
+    for experiment in ("sensing", "completion"):
+        for n in ns:
+            records.append(dict(experiment=experiment, method="nuclear_norm", depth=None, n=n, seed=0, d=20, rank=2,
+                                rel_error=0.4, nuclear_norm=9.9))
+    return records
+
+
+@pytest.mark.parametrize("depths", [(2,), (2, 3), (2, 3, 4)], ids=["1-depth", "2-depths", "3-depths"])
+def test_every_figure_text_fits_inside_its_figure(depths):
+    import matplotlib.pyplot as plt
+    import matplotlib.text
+
+    from flatkern.experiments import report
+
+    records = _synthetic_records(depths)
+    figures = [report.recovery_figure(records, "sensing"), report.recovery_figure(records, "completion"),
+               report.flattest_figure(records), report.trajectory_figure(records)]
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        box = fig.bbox
+        # what is drawn: the suptitle, and each panel with its title, labels, tick labels and legend
+        parts = [(fig._suptitle.get_text(), fig._suptitle.get_window_extent(renderer))] if fig._suptitle else []
+        parts += [(ax.get_title(), ax.get_tightbbox(renderer)) for ax in fig.axes]
+        assert parts
+        for text in fig.findobj(matplotlib.text.Text):  # a line break inside $...$ would print raw mathtext
+            assert all(line.count("$") % 2 == 0 for line in text.get_text().split("\n")), text.get_text()
+        for name, ext in parts:
+            assert box.x0 - 1 <= ext.x0 and ext.x1 <= box.x1 + 1 and box.y0 - 1 <= ext.y0 and ext.y1 <= box.y1 + 1, (name, ext, box)
+        plt.close(fig)

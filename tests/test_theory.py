@@ -1,5 +1,6 @@
 """The theorem: the flattest factorization of M has trace flatness_lower_bound(M, L), for every depth."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,3 +58,41 @@ def test_lower_bound_is_batched_and_checks_its_arguments():
         fk.flattest_factorization(_low_rank(5, 5, 3), [5, 2, 5])
     with pytest.raises(ValueError, match="must start with d_0=4"):
         fk.flattest_factorization(M[0], [3, 2, 3])
+
+
+# issue 11 §3: an integer argument accepts what is genuinely an integer and refuses the rest
+
+
+@pytest.mark.parametrize("depth", [np.int64(3), np.int32(3), np.uint8(3), torch.tensor(3)])
+def test_lower_bound_takes_numpy_and_tensor_integer_depths(depth):
+    M = _low_rank(4, 3, 2)
+    torch.testing.assert_close(fk.flatness_lower_bound(M, depth), fk.flatness_lower_bound(M, 3))
+
+
+@pytest.mark.parametrize("depth", [True, np.bool_(True), 3.0, 2.5, "3", None])
+def test_lower_bound_refuses_bool_float_and_non_integer_depths(depth):
+    with pytest.raises(TypeError, match="depth"):
+        fk.flatness_lower_bound(_low_rank(4, 3, 2), depth)
+
+
+def test_flattest_factorization_takes_numpy_integer_widths():
+    M = _low_rank(6, 5, 2)
+    W = fk.flattest_factorization(M, np.array([5, 3, 4, 6]))
+    assert [tuple(w.shape) for w in W] == [(3, 5), (4, 3), (6, 4)]
+    W_int = fk.flattest_factorization(M, [np.int64(5), 3, np.int32(4), 6])
+    for a, b in zip(W, W_int):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad,index", [([5, 5.9, 6], 1), ([5.0, 3, 6], 0), ([5, True, 6], 1), ([5, "3", 6], 1)])
+def test_flattest_factorization_refuses_non_integer_widths_instead_of_truncating(bad, index):
+    # int(5.9) == 5 used to pass silently
+    with pytest.raises(TypeError, match=rf"widths\[{index}\]"):
+        fk.flattest_factorization(_low_rank(6, 5, 2), bad)
+
+
+def test_flattest_factorization_refuses_negative_widths_and_a_bare_number():
+    with pytest.raises(ValueError, match=r"widths\[1\]"):
+        fk.flattest_factorization(_low_rank(6, 5, 2), [5, -3, 6])
+    with pytest.raises(TypeError, match="widths"):
+        fk.flattest_factorization(_low_rank(6, 5, 2), 5)

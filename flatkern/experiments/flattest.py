@@ -7,6 +7,9 @@ factorizations ``W_L ⋯ W_1 = M`` and compare it with the theorem's minimum
 
 Methods (``ratio`` = Isotropic trace / lower bound at the reached ``E``):
 
+- ``flattest_solution``: ``flatkern.flattest_solution`` with ``E = M`` as the
+  constraint (``Isotropic`` measurements, targets ``M``): the minimum itself,
+  by a constrained solve.
 - ``flatness``: ``flatkern.optim.FlatnessRegularized`` on ``‖E - M‖_F² + lam · tr``,
   ``lam`` decaying, then ``lam = 0`` steps (``steps · max(1, L - 2)`` regularized steps).
 - ``balanced``: the balanced factorization (closed form, every layer ``Σ^{1/L}``).
@@ -78,6 +81,10 @@ def run_flattest(shape: tuple[int, int], rank: int, depth: int, seed: int, setti
     train_flatness(W, iso, M, steps=s.steps * max(1, depth - 2), lam_start=s.lam_start, lam_end=s.lam_end, polish_steps=s.polish_steps,
                    eta=s.eta, backend=backend)
     records = [_record("flatness", W, M, depth, backend)]
+    from .solution import solve_flattest
+
+    W, report = solve_flattest(iso, M, widths)
+    records.insert(0, dict(_record("flattest_solution", W, M, depth, backend), **report))
     records.append(_record("balanced", balanced_factorization(M, widths), M, depth, backend))
     W = standard_init(widths, generator=g)
     # half the budget: the weight-decay optimum (the balanced point) is reached sooner

@@ -20,6 +20,10 @@ Methods (one record each):
   ``Isotropic`` trace, MATH.md), about three times cheaper per step than the
   exact ``Dense`` trace and, in our trials, as good (``sensing_regularizer="train"``
   regularizes the exact one).  The record's ``regularizer`` says which.
+- ``flattest_solution``: ``flatkern.flattest_solution``, the factorization of least
+  ``Isotropic`` trace among those that fit the measurements exactly (a constrained
+  solve, not training).  For any measurements that problem *is* the convex program
+  lifted (MATH.md), so its nuclear norm equals ``nuclear_norm``'s at every ``n``.
 - ``nuclear_norm``: the convex program ``min ‖X‖_* s.t. A(X) = b`` (cvxpy);
   it has no depth (``depth`` is null in its record).
 """
@@ -36,7 +40,7 @@ from ..theory import flatness_lower_bound
 from .baselines import nuclear_norm_solution
 from .training import kernel_norm, standard_init, train_flatness, train_gd
 
-__all__ = ["RecoverySettings", "make_problem", "run_networks", "run_nuclear_norm", "NETWORK_METHODS"]
+__all__ = ["RecoverySettings", "make_problem", "run_networks", "run_flattest_solution", "run_nuclear_norm", "NETWORK_METHODS"]
 
 NETWORK_METHODS = ("gd", "gd_small_init", "label_noise", "flatness")
 
@@ -144,6 +148,17 @@ def run_networks(experiment: str, depth: int, n: int, seed: int, settings: Recov
     records.append(dict(method="flatness", regularizer="isotropic" if reg is not meas else "train",
                         **metrics(Wf, end_to_end(Wf, backend=backend), M, meas, b, depth, backend)))
     return [dict(experiment=experiment, depth=depth, n=n, seed=seed, d=d, rank=s.rank, **r) for r in records]
+
+
+def run_flattest_solution(experiment: str, depth: int, n: int, seed: int, settings: RecoverySettings, backend: str = "auto") -> list[dict]:
+    """``flattest_solution`` (least ``Isotropic`` trace subject to ``A(E) = b``) on one problem; one record."""
+    from .solution import solve_flattest
+
+    M, meas, b = make_problem(experiment, n, seed, settings)
+    W, report = solve_flattest(meas, b, [settings.d] * (depth + 1))
+    record = dict(method="flattest_solution", regularizer="isotropic",
+                  **metrics(W, end_to_end(W, backend=backend), M, meas, b, depth, backend), **report)
+    return [dict(experiment=experiment, depth=depth, n=n, seed=seed, d=settings.d, rank=settings.rank, **record)]
 
 
 def run_nuclear_norm(experiment: str, n: int, seed: int, settings: RecoverySettings) -> list[dict]:

@@ -102,10 +102,12 @@ def train_gd(
     eta: float = 0.5,
     label_noise=0.0,
     weight_decay: tuple[float, float] = (0.0, 0.0),
+    sam: float = 0.0,
     momentum: float = 0.9,
     generator=None,
     kappa: float | None = None,
     backend: str = "auto",
+    callback=None,
 ) -> list[torch.Tensor]:
     """Full-batch gradient descent on ``mse_loss``, in place, for ``steps`` steps.
 
@@ -117,6 +119,10 @@ def train_gd(
             is the trace of the Hessian); a number or a tensor of shape ``(B,)``.
         weight_decay: ``(start, end)``: adds ``mu · Σ_j ‖W_j‖_F²`` to the loss, ``mu``
             decaying geometrically from ``start`` to ``end`` (``(0, 0)``: none).
+        sam: radius ``ρ`` of sharpness-aware minimization (``0``: none): the two-step
+            update takes the gradient at ``W + ρ g / ‖g‖``, ``g = ∇L(W)``, ``‖g‖`` over
+            every layer of a problem (Foret et al. 2021), in place of ``∇L(W)``.
+        callback: called as ``callback(t, weights)`` after step ``t = 1, ..., steps``.
     """
     kappa = kernel_norm(measurements) if kappa is None else kappa
     noise = torch.as_tensor(label_noise, dtype=targets.dtype)
@@ -127,15 +133,26 @@ def train_gd(
     for t in range(steps):
         lr = step_size(weights)
         b = targets + noise * torch.randn(noise.shape[:-1] + targets.shape, generator=generator, dtype=targets.dtype) if noisy else targets
-        loss = mse_loss(weights, measurements, b, backend=backend).sum()
-        if weight_decay[0] > 0:
-            mu = weight_decay[0] * (weight_decay[1] / weight_decay[0]) ** (t / max(steps - 1, 1))
-            loss = loss + mu * sum(w.square().sum() for w in weights)
-        grads = torch.autograd.grad(loss, weights)
+
+        def gradient(ws):
+            loss = mse_loss(ws, measurements, b, backend=backend).sum()
+            if weight_decay[0] > 0:
+                mu = weight_decay[0] * (weight_decay[1] / weight_decay[0]) ** (t / max(steps - 1, 1))
+                loss = loss + mu * sum(w.square().sum() for w in ws)
+            return torch.autograd.grad(loss, ws)
+
+        grads = gradient(weights)
+        if sam > 0:
+            with torch.no_grad():
+                norm = torch.stack([g.square().sum((-2, -1)) for g in grads]).sum(0).sqrt().clamp_min(1e-300)
+                ascent = [(w + _batch_view(sam / norm) * g).requires_grad_() for w, g in zip(weights, grads)]
+            grads = gradient(ascent)
         with torch.no_grad():
             for w, v, g in zip(weights, velocity, grads):
                 v.mul_(momentum).add_(g)  # heavy ball, as torch.optim.SGD(momentum=...)
                 w.sub_(_batch_view(lr) * v)
+        if callback is not None:
+            callback(t + 1, weights)
     return weights
 
 
@@ -153,6 +170,7 @@ def train_flatness(
     regularizer: Measurements | None = None,
     kappa: float | None = None,
     backend: str = "auto",
+    callback=None,
 ) -> list[torch.Tensor]:
     """Minimize ``mse_loss + lam · tr ∇²L`` with ``flatkern.optim.FlatnessRegularized``, ``lam`` decreasing.
 
@@ -165,6 +183,7 @@ def train_flatness(
     Args:
         regularizer: the measurements whose trace is regularized (default: the
             training ``measurements``, i.e. the trace of the training loss).
+        callback: called as ``callback(t, weights)`` after step ``t = 1, ..., steps + polish_steps``.
     """
     kappa = kernel_norm(measurements) if kappa is None else kappa
     reg = measurements if regularizer is None else regularizer
@@ -191,4 +210,6 @@ def train_flatness(
         opt.zero_grad()
         mse_loss(weights, measurements, targets, backend=backend).sum().backward()
         opt.step()
+        if callback is not None:
+            callback(t + 1, weights)
     return weights

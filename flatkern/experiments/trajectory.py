@@ -1,0 +1,146 @@
+"""Experiment 4: the exact trace of the Hessian along training (``trajectory``).
+
+On one Gaussian sensing problem (the ``sensing`` experiment's measurements at
+``n``), four methods train a depth-``L`` network from the same LeCun-normal
+start, and the exact trace of the training-loss Hessian is evaluated at
+log-spaced steps.  Each value is divided by the trace of ``flattest_solution``
+for the same measurements (the minimum of that trace over zero-loss
+factorizations, MATH.md), so at zero loss ``ratio >= 1``, with 1 only at the
+flattest solution:
+
+- ``gd``: full-batch gradient descent (heavy ball, ``training.train_gd``).
+- ``label_noise``: the same with fresh Gaussian noise on the targets at every
+  step (label-noise gradient descent, an implicit trace regularizer near the
+  zero-loss manifold, on a time scale ``~ 1/(η σ²)``), then noise-free steps.
+- ``sam``: sharpness-aware minimization, the two-step update
+  ``w ← w - η ∇L(w + ρ g/‖g‖)``, ``g = ∇L(w)`` (full batch, so it targets the
+  largest eigenvalue rather than the trace; MATH.md), then plain steps.
+- ``flatness``: ``FlatnessRegularized`` on ``loss + lam · tr ∇²L`` with the exact
+  training-loss trace, ``lam`` decaying, then ``lam = 0`` steps.
+
+Each record also carries what tracking cost: the median wall time of a
+training step and of one exact trace evaluation (one thread).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import end_to_end, hessian_trace, mse_loss
+from .recovery import RecoverySettings, _generator, make_problem
+from .solution import solve_flattest
+from .training import kernel_norm, standard_init, train_flatness, train_gd
+
+__all__ = ["TrajectorySettings", "METHODS", "log_steps", "run_trajectory"]
+
+METHODS = ("gd", "label_noise", "sam", "flatness")
+
+
+@dataclass(frozen=True)
+class TrajectorySettings:
+    """One trajectory run: the problem (``sensing`` at ``n``) and the budget, the same for every method."""
+
+    n: int = 200
+    steps: int = 3000          # every method's total
+    points: int = 30           # log-spaced trace evaluations (at least 20 distinct steps)
+    polish: float = 0.1        # the last fraction of the steps: no label noise, lam = 0
+    eta: float = 0.5           # step size as a fraction of 1 / sharpness bound (training.py)
+    label_noise: float = 1.0   # std of the label noise (targets have std ≈ ‖M*‖_F = √d)
+    sam_rho: float = 0.05      # SAM radius, in the weights' units (‖W_j‖_F ≈ √d at the start)
+    lam_start: float = 1e-1
+    lam_end: float = 1e-6
+
+
+def log_steps(total: int, points: int) -> list[int]:
+    """At least ``min(points, total)`` distinct steps from 1 to ``total``, log-spaced."""
+    k = points
+    while True:
+        steps = sorted({max(1, round(math.exp(i * math.log(total) / (k - 1)))) for i in range(k)})
+        if len(steps) >= min(points, total) or k > 10 * points:
+            return steps
+        k += 1
+
+
+class _Tracker:
+    """The training callback: the exact trace and the loss at the chosen steps, and what each step and evaluation took.
+
+    It is called after every step, so the time between two calls is one training
+    step; the medians of those and of the trace evaluations are robust to a
+    machine busy with other work.
+    """
+
+    def __init__(self, steps: list[int], measurements, targets, backend: str, offset: int = 0):
+        self.at, self.meas, self.targets, self.backend = set(steps), measurements, targets, backend
+        self.offset = offset
+        self.steps, self.traces, self.losses = [], [], []
+        self.step_times, self.trace_times = [], []
+        self.last = time.perf_counter()
+
+    def __call__(self, t: int, weights) -> None:
+        now = time.perf_counter()
+        self.step_times.append(now - self.last)
+        t += self.offset
+        if t in self.at:
+            with torch.no_grad():
+                trace = float(hessian_trace(weights, self.meas, backend=self.backend))
+                self.trace_times.append(time.perf_counter() - now)
+                loss = float(mse_loss(weights, self.meas, self.targets, backend=self.backend))
+            self.steps.append(t)
+            self.traces.append(trace)
+            self.losses.append(loss)
+        self.last = time.perf_counter()
+
+
+def _train(method: str, weights, meas, b, tracker: _Tracker, s: TrajectorySettings, kappa: float, generator, backend: str) -> None:
+    polish = round(s.steps * s.polish)
+    main = s.steps - polish
+    if method == "gd":
+        train_gd(weights, meas, b, steps=s.steps, eta=s.eta, kappa=kappa, backend=backend, callback=tracker)
+    elif method in ("sam", "label_noise"):
+        # SAM's ascent step and the label noise keep the loss off zero: plain steps end both
+        extra = dict(sam=s.sam_rho) if method == "sam" else dict(label_noise=s.label_noise, generator=generator)
+        train_gd(weights, meas, b, steps=main, eta=s.eta, kappa=kappa, backend=backend, callback=tracker, **extra)
+        tracker.offset = main
+        train_gd(weights, meas, b, steps=polish, eta=s.eta, kappa=kappa, backend=backend, callback=tracker)
+    elif method == "flatness":
+        train_flatness(weights, meas, b, steps=main, lam_start=s.lam_start, lam_end=s.lam_end, polish_steps=polish,
+                       eta=s.eta, kappa=kappa, backend=backend, callback=tracker)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def run_trajectory(depth: int, seed: int, settings: TrajectorySettings, recovery: RecoverySettings, backend: str = "auto") -> list[dict]:
+    """The four methods' trace ratios along training on one ``(depth, seed)``; one record per method."""
+    s = settings
+    M, meas, b = make_problem("sensing", s.n, seed, recovery)
+    d = recovery.d
+    widths = [d] * (depth + 1)
+    kappa = kernel_norm(meas)
+    flattest, report = solve_flattest(meas, b, widths, trace_of=meas)
+    with torch.no_grad():
+        reference = float(hessian_trace(flattest, meas, backend=backend))
+    at = log_steps(s.steps, s.points)
+    records = []
+    for method in METHODS:
+        g = _generator("trajectory", depth, seed)  # the same start for every method
+        W = standard_init(widths, generator=g)
+        tracker = _Tracker(at, meas, b, backend)
+        _train(method, W, meas, b, tracker, s, kappa, g, backend)
+        with torch.no_grad():
+            E = end_to_end([w.detach() for w in W], backend=backend)
+        records.append(dict(
+            experiment="trajectory", method=method, depth=depth, n=s.n, seed=seed, d=d, rank=recovery.rank,
+            steps=tracker.steps, ratios=[t / reference for t in tracker.traces], losses=tracker.losses,
+            ratio=tracker.traces[-1] / reference, reference_trace=reference,
+            rel_error=float((E - M).norm() / M.norm()), nuclear_norm=float(torch.linalg.matrix_norm(E, ord="nuc")),
+            train_loss=tracker.losses[-1],
+            step_seconds=statistics.median(tracker.step_times[1:]), trace_seconds=statistics.median(tracker.trace_times),
+            reference_converged=report["converged"], reference_feasibility=report["feasibility"],
+            reference_solve_seconds=report["solve_seconds"],
+        ))
+    return records

@@ -1,0 +1,302 @@
+"""Property-based tests (issue 11 §5): random problems on every backend against the reference.
+
+Each property draws widths 1-40, depths 1-6, a batch shape, a family (both Dense regimes), the
+reduction, ``per_layer``, float32 or float64, and a memory layout per weight (contiguous,
+transposed, expanded over the batch, sliced), and checks one claim.  The hypothesis profiles are
+registered in ``tests/conftest.py``: every property runs ~25 derandomized examples in the default
+run, and again with eight times as many under ``-m slow``.  The Triton interpreter (``-m triton``)
+gets smaller problems and fewer examples: an interpreted Dense call on width 40 takes seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from helpers import (
+    ALL_FAMILIES, LAYOUTS, assert_close_to_reference, autograd_hessian_trace, make_measurements, make_weights,
+    measurement_sources, measurements_from, terms_and_grads,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flatkern as fk
+from flatkern._checks import BACKENDS
+
+# every property twice: the default run's few examples, and the slow run's many
+PROFILES = [pytest.param("default", id="default"), pytest.param("flatkern-slow", id="long", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=PROFILES)
+def profile(request):
+    return request.param
+
+
+def _settings(profile: str, backend: str) -> settings:
+    base = settings() if profile == "default" else settings.get_profile(profile)  # settings(): the loaded profile
+    if backend == "triton":  # the interpreter: a third of the examples
+        return settings(base, max_examples=max(5, base.max_examples // 3))
+    return base
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    dims: tuple[int, ...]
+    batch: tuple[int, ...]
+    dtype: torch.dtype
+    family: str
+    n: int
+    layout: tuple[str, ...]
+    reduction: str
+    per_layer: bool
+    seed: int
+
+    def weights(self, requires_grad=False):
+        return make_weights(list(self.dims), batch=self.batch, dtype=self.dtype, seed=self.seed,
+                            requires_grad=requires_grad, layout=self.layout)
+
+    def measurements(self):
+        return make_measurements(self.family, self.dims[-1], self.dims[0], n=self.n, dtype=self.dtype,
+                                 seed=self.seed + 1)
+
+
+@st.composite
+def problems(draw, max_width=40, max_depth=6, dtypes=(torch.float32, torch.float64), families=ALL_FAMILIES,
+             batches=((), (1,), (3,), (2, 2))):
+    family = draw(st.sampled_from(families))
+    depth = draw(st.integers(1, max_depth))
+    width = st.integers(1, max_width)
+    # the Dense kernel regime needs n > d_0 d_L measurements: small end widths keep n (and K) small
+    end = st.integers(1, min(6, max_width)) if family == "dense_kernel" else width
+    dims = [draw(end)] + [draw(width) for _ in range(depth - 1)] + [draw(end)]
+    n = draw(st.integers(1, 12))
+    if family == "dense":
+        n = min(n, dims[0] * dims[-1])  # n <= d_0 d_L: the per-measurement contraction
+    return Problem(
+        dims=tuple(dims),
+        batch=draw(st.sampled_from(batches)),
+        dtype=draw(st.sampled_from(dtypes)),
+        family=family,
+        n=n,
+        layout=tuple(draw(st.lists(st.sampled_from(LAYOUTS), min_size=depth, max_size=depth))),
+        reduction=draw(st.sampled_from(["mean", "sum"])),
+        per_layer=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _sizes(backend):
+    return dict(max_width=12, max_depth=4) if backend == "triton" else {}
+
+
+def test_every_backend_matches_the_reference_on_random_problems(backend, profile):
+    @_settings(profile, backend)
+    @given(p=problems(**_sizes(backend)))
+    def check(p):
+        W = p.weights(requires_grad=True)
+        meas, _ = p.measurements()
+        W64 = [w.detach().double().requires_grad_() for w in W]
+        meas64 = meas.to(torch.float64)
+
+        def trace(weights, m, backend=backend):
+            return fk.hessian_trace(weights, m, reduction=p.reduction, per_layer=p.per_layer, backend=backend)
+
+        ref, ref_grads = terms_and_grads(lambda w, m: trace(w, m, "torch"), W64, meas64, seed=p.seed)
+        got, grads = terms_and_grads(trace, W, meas, seed=p.seed)
+        assert got.shape == p.batch + ((len(W),) if p.per_layer else ()) and got.dtype == p.dtype
+        assert_close_to_reference(got, ref, p.dtype, msg=lambda m: f"trace: {m}")
+        for j, (g, r) in enumerate(zip(grads, ref_grads), start=1):
+            assert_close_to_reference(g, r, p.dtype, msg=lambda m: f"gradient of W_{j}: {m}")
+
+        # the value-and-gradient call: the same trace, the gradient of its sum
+        value, value_grads = fk.hessian_trace_and_grad(W, meas, reduction=p.reduction, per_layer=p.per_layer,
+                                                       backend=backend)
+        sum_grads = torch.autograd.grad(trace(W64, meas64, "torch").sum(), W64)
+        assert_close_to_reference(value, ref, p.dtype, msg=lambda m: f"hessian_trace_and_grad value: {m}")
+        for j, (g, r) in enumerate(zip(value_grads, sum_grads), start=1):
+            assert_close_to_reference(g, r, p.dtype, msg=lambda m: f"hessian_trace_and_grad, W_{j}: {m}")
+
+    check()
+
+
+def test_every_backend_matches_the_autograd_hessian_on_tiny_problems(backend, profile):
+    # torch.func.hessian forms the whole Hessian: a few dozen parameters at most, in float64
+    @_settings(profile, backend)
+    @given(p=problems(max_width=4, max_depth=4, dtypes=(torch.float64,), batches=((),)))
+    def check(p):
+        W = p.weights()
+        meas, targets = p.measurements()
+        expected = autograd_hessian_trace(W, meas, targets, p.reduction, per_layer=p.per_layer)
+        got = fk.hessian_trace(W, meas, reduction=p.reduction, per_layer=p.per_layer, backend=backend)
+        assert_close_to_reference(got, expected, torch.float64)
+
+    check()
+
+
+@st.composite
+def edits(draw, tensors: dict):
+    """New values for each of the caller's tensors (float: random; indices: random, negatives included)
+    and how they are written (in place, through ``.data``, through ``.numpy()``)."""
+    out = {}
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            scale = draw(st.sampled_from([-1.0, 0.0, 0.5, 3.0]))
+            out[name] = t * scale + draw(st.floats(-2, 2))
+        else:
+            size = 50
+            out[name] = torch.tensor(draw(st.lists(st.integers(-size, size), min_size=len(t), max_size=len(t))),
+                                     dtype=t.dtype)
+    return out, draw(st.sampled_from(["in_place", "data", "numpy"])), draw(st.booleans())
+
+
+def test_editing_measurement_tensors_after_construction_changes_nothing(backend, profile):
+    @_settings(profile, backend)
+    # a value, whatever the size: small problems suffice
+    @given(p=problems(max_width=12, max_depth=4, families=tuple(f for f in ALL_FAMILIES if f != "isotropic")),
+           data=st.data())
+    def check(p, data):
+        W = p.weights()
+        src, targets = measurement_sources(p.family, p.dims[-1], p.dims[0], n=p.n, dtype=p.dtype, seed=p.seed)
+        tensors = {k: v for k, v in src.items() if isinstance(v, torch.Tensor)}
+        meas = measurements_from(p.family, src)
+        pristine = measurements_from(p.family, {k: v.clone() if k in tensors else v for k, v in src.items()})
+
+        def answers(m):
+            trace, grads = fk.hessian_trace_and_grad(W, m, reduction=p.reduction, per_layer=p.per_layer,
+                                                     backend=backend)
+            return [trace, *grads, fk.mse_loss(W, m, targets, p.reduction, backend=backend)]
+
+        want = answers(pristine)
+        new, how, used_first = data.draw(edits(tensors))
+        if used_first:
+            answers(meas)  # every cache a backend keeps is built before the edit
+        for name, t in tensors.items():
+            if how == "in_place":
+                t.copy_(new[name])
+            elif how == "data":
+                t.data.copy_(new[name])
+            else:
+                t.numpy()[...] = new[name].numpy()
+        for got, w in zip(answers(meas), want):
+            torch.testing.assert_close(got, w, atol=0, rtol=0)
+
+    check()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _text(exclude):
+    return st.text(st.characters(codec="ascii"), max_size=8).filter(lambda s: s not in exclude)
+
+
+@st.composite
+def bad_inputs(draw):
+    """``(description, call(op), exception type, message pattern)``: one wrong argument in an otherwise
+    valid call; ``op`` is one of the public ops, each given ``(weights, measurements, targets, **kw)``."""
+    depth = draw(st.integers(1, 4))
+    dims = [draw(st.integers(1, 7)) for _ in range(depth + 1)]
+    d_L, d_0 = dims[-1], dims[0]
+    batch = draw(st.sampled_from([(), (2,)]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    W = make_weights(dims, batch=batch, dtype=dtype, seed=draw(st.integers(0, 99)))
+    family = draw(st.sampled_from(ALL_FAMILIES))
+    meas, targets = make_measurements(family, d_L, d_0, dtype=dtype)
+    kind = draw(st.sampled_from([
+        "no_chain", "mixed_dtypes", "integer_weights", "not_a_matrix", "batch_mismatch", "single_tensor",
+        "empty_list", "wrong_measurement_shape", "measurement_dtype", "not_measurements", "reduction",
+        "backend", "targets_shape", "isotropic_sum_without_n", "lam",
+    ]))
+    kw = {}
+    if kind == "no_chain":
+        if depth == 1:
+            W = W + [torch.ones(3, d_L + 1, dtype=dtype).expand(*batch, 3, d_L + 1)]
+            j = 2
+        else:
+            j = draw(st.integers(2, depth))
+            w = W[j - 1]
+            W[j - 1] = torch.ones(*w.shape[:-1], w.shape[-1] + draw(st.integers(1, 3)), dtype=dtype)
+        return kind, W, meas, targets, kw, ValueError, rf"weights do not chain at layer {j}: W_{j} has shape"
+    if kind == "mixed_dtypes":
+        other = torch.float64 if dtype == torch.float32 else torch.float32
+        if depth == 1:
+            W, j = W + [torch.ones(*batch, 3, d_L, dtype=other)], 2
+        else:
+            j = draw(st.integers(2, depth))
+            W[j - 1] = W[j - 1].to(other)
+        return kind, W, meas, targets, kw, TypeError, rf"weights mix dtypes: W_1 is {dtype} but W_{j} is {other}"
+    if kind == "integer_weights":
+        W = [w.to(torch.int64) for w in W]
+        return kind, W, meas, targets, kw, TypeError, r"W_1\) must be floating point, got dtype torch.int64"
+    if kind == "not_a_matrix":
+        j = draw(st.integers(1, depth))
+        W[j - 1] = torch.ones(draw(st.sampled_from([(), (3,)])), dtype=dtype)
+        return kind, W, meas, targets, kw, ValueError, rf"W_{j}\) must have shape \(\.\.\., d_{j}, d_{j - 1}\)"
+    if kind == "batch_mismatch":
+        if depth == 1:
+            W = W + [torch.ones(5, 3, d_L, dtype=dtype)]  # chains, but its batch (5,) is not W_1's
+        else:
+            j = draw(st.integers(2, depth))
+            W[j - 1] = W[j - 1].detach().expand(7, *W[j - 1].shape) if not batch else W[j - 1][:1]
+        return kind, W, meas, targets, kw, ValueError, r"must share their leading \(batch\) shape"
+    if kind == "single_tensor":
+        return kind, W[0], meas, targets, kw, TypeError, r"wrap it in a list"
+    if kind == "empty_list":
+        return kind, [], meas, targets, kw, ValueError, r"weights is empty"
+    if kind == "wrong_measurement_shape":
+        family = draw(st.sampled_from([f for f in ALL_FAMILIES if f != "isotropic"]))
+        # Inputs measure d_0 only: every output is observed
+        shape = draw(st.sampled_from([(d_L, d_0 + 2)] + ([(d_L + 1, d_0)] if family != "inputs" else [])))
+        meas, _ = make_measurements(family, *shape, dtype=dtype)
+        return kind, W, meas, targets, kw, ValueError, rf"\({d_L}, {d_0}\)"
+    if kind == "measurement_dtype":
+        family = draw(st.sampled_from(["rankone", "dense", "dense_kernel", "inputs"]))
+        other = torch.float64 if dtype == torch.float32 else torch.float32
+        meas, _ = make_measurements(family, d_L, d_0, dtype=other)
+        return kind, W, meas, targets, kw, TypeError, rf"has dtype {other} but the weights are {dtype}"
+    if kind == "not_measurements":
+        bad = draw(st.sampled_from([None, "isotropic", torch.ones(3, d_L, d_0), 3]))
+        return kind, W, bad, targets, kw, TypeError, r"measurements must be a flatkern measurement family"
+    if kind == "reduction":
+        kw["reduction"] = draw(_text({"mean", "sum"}))
+        return kind, W, meas, targets, kw, ValueError, r"reduction must be one of \('mean', 'sum'\)"
+    if kind == "backend":
+        kw["backend"] = draw(_text(set(BACKENDS)))
+        return kind, W, meas, targets, kw, ValueError, r"backend must be one of \(.*\), got"
+    if kind == "targets_shape":
+        shape = list(targets.shape)
+        shape[-1] += draw(st.sampled_from([-1, 1, 2])) if shape[-1] > 1 else 1
+        return kind, W, meas, torch.zeros(shape, dtype=dtype), kw, ValueError, r"targets has shape"
+    if kind == "isotropic_sum_without_n":
+        kw["reduction"] = "sum"
+        M = torch.zeros(d_L, d_0, dtype=dtype)
+        return kind, W, fk.Isotropic(), M, kw, ValueError, r"pass n to Isotropic\(n=\.\.\.\)"
+    # lam
+    kw["lam"] = draw(st.sampled_from([-1.0, -1e-9, math.nan, math.inf, -math.inf]))
+    return kind, W, meas, targets, kw, ValueError, r"lam must be a finite number >= 0"
+
+
+OPS = {
+    "hessian_trace": lambda W, m, t, kw: fk.hessian_trace(W, m, **kw),
+    "hessian_trace(per_layer)": lambda W, m, t, kw: fk.hessian_trace(W, m, per_layer=True, **kw),
+    "hessian_trace_and_grad": lambda W, m, t, kw: fk.hessian_trace_and_grad(W, m, **kw),
+    "mse_loss": lambda W, m, t, kw: fk.mse_loss(W, m, t, **kw),
+    "objective": lambda W, m, t, kw: fk.objective(W, m, t, **{"lam": 0.5, **kw}),
+}
+# which ops read which argument
+TAKES = {"targets_shape": ("mse_loss", "objective"), "lam": ("objective",)}
+
+
+def test_random_bad_input_raises_the_documented_error(backend, profile):
+    @_settings(profile, backend)
+    @given(case=bad_inputs(), data=st.data())
+    def check(case, data):
+        kind, W, meas, targets, kw, exc, pattern = case
+        op = data.draw(st.sampled_from(TAKES.get(kind, tuple(OPS))), label="op")
+        kw = {"backend": backend, **kw}
+        with pytest.raises(exc, match=pattern):
+            OPS[op](W, meas, targets, kw)
+
+    check()

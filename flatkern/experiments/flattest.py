@@ -83,7 +83,7 @@ def run_flattest(shape: tuple[int, int], rank: int, depth: int, seed: int, setti
     records = [_record("flatness", W, M, depth, backend)]
     from .solution import solve_flattest
 
-    W, report = solve_flattest(iso, M, widths)
+    W, report = solve_flattest(iso, M, widths, backend=backend)
     records.insert(0, dict(_record("flattest_solution", W, M, depth, backend), **report))
     records.append(_record("balanced", balanced_factorization(M, widths), M, depth, backend))
     W = standard_init(widths, generator=g)

@@ -109,12 +109,16 @@ class _Pool:
         self.workers = []
         # workers inherit the mask: a Ctrl-C never hits a half-started worker
         with _signals_blocked(signal.SIGINT):
-            for _ in range(n):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker_main, args=(child, grid, backend), daemon=True)
-                proc.start()
-                child.close()
-                self.workers.append((proc, parent))
+            try:
+                for _ in range(n):
+                    parent, child = ctx.Pipe()
+                    proc = ctx.Process(target=_worker_main, args=(child, grid, backend), daemon=True)
+                    proc.start()
+                    child.close()
+                    self.workers.append((proc, parent))
+            except BaseException:
+                self.close(terminate=True)
+                raise
         self.busy: dict = {}     # pipe -> (process, task index)
         self.idle = list(self.workers)
         self.used: set[int] = set()

@@ -10,12 +10,14 @@ import torch
 __all__ = ["solve_flattest"]
 
 
-def solve_flattest(measurements, targets: torch.Tensor, widths: list[int], *, trace_of=None, **options) -> tuple[list[torch.Tensor], dict]:
+def solve_flattest(measurements, targets: torch.Tensor, widths: list[int], *, trace_of=None, backend: str = "torch",
+                   **options) -> tuple[list[torch.Tensor], dict]:
     """``(weights, report)``: the flattest zero-loss factorization and how its solve went.
 
     ``report`` holds ``converged``, ``feasibility`` (``‖A(E) - b‖ / ‖b‖``),
-    ``stationarity``, ``outer_iterations``, ``iterations`` (inner, all outer
-    steps together) and ``solve_seconds`` (one thread's wall time).  A solve
+    ``stationarity``, ``nuclear_norm_bound`` (the dual bound: no interpolator
+    has a smaller nuclear norm), ``outer_iterations``, ``iterations`` (inner,
+    all outer steps together) and ``solve_seconds`` (one thread's wall time).  A solve
     that did not converge is kept, with ``converged: false`` in its record and
     the count in the summary, instead of a warning printed by a worker.
     """
@@ -24,12 +26,14 @@ def solve_flattest(measurements, targets: torch.Tensor, widths: list[int], *, tr
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # non-convergence is in the report, hence in the record
-        weights, report = flattest_solution(measurements, targets, widths, trace_of=trace_of, return_report=True, **options)
+        weights, report = flattest_solution(measurements, targets, widths, trace_of=trace_of, backend=backend,
+                                            return_report=True, **options)
     seconds = time.perf_counter() - start
     return [w.detach() for w in weights], dict(
         converged=bool(report.converged),
         feasibility=float(report.feasibility),
         stationarity=float(report.stationarity),
+        nuclear_norm_bound=float(report.nuclear_norm_bound),
         outer_iterations=int(report.outer_iterations),
         iterations=int(report.inner_iterations),
         solve_seconds=seconds,

@@ -121,7 +121,8 @@ def run_trajectory(depth: int, seed: int, settings: TrajectorySettings, recovery
     d = recovery.d
     widths = [d] * (depth + 1)
     kappa = kernel_norm(meas)
-    flattest, report = solve_flattest(meas, b, widths, trace_of=meas)
+    flattest, report = solve_flattest(meas, b, widths, trace_of=meas, backend=backend,
+                                      tol=recovery.solution_tol, max_outer=recovery.solution_max_outer)
     with torch.no_grad():
         reference = float(hessian_trace(flattest, meas, backend=backend))
     at = log_steps(s.steps, s.points)

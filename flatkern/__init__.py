@@ -11,6 +11,7 @@ from ._version import __version__
 from .measurements import Dense, Entries, Inputs, Isotropic, Measurements, RankOne
 from .ops import available_backends, end_to_end, hessian_trace, hessian_trace_and_grad, mse_loss
 from .theory import flatness_lower_bound, flattest_factorization
+from .flattest_solution import ConvergenceWarning, FlattestReport, flattest_solution
 from . import nn, optim
 from .nn import hessian_trace_of
 from .objective import objective
@@ -19,6 +20,6 @@ from .objective import objective
 __all__ = [
     "Measurements", "Isotropic", "Entries", "RankOne", "Dense", "Inputs",
     "end_to_end", "mse_loss", "hessian_trace", "hessian_trace_and_grad", "available_backends",
-    "flatness_lower_bound", "flattest_factorization",
+    "flatness_lower_bound", "flattest_factorization", "flattest_solution", "FlattestReport", "ConvergenceWarning",
     "nn", "optim", "hessian_trace_of", "objective",
 ]

@@ -40,11 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser(
         "reproduce",
-        help="run the experiments: flattest factorization, low-rank recovery (results.json, summary.md, figures)",
+        help="run the experiments: flattest factorization and solution, low-rank recovery, the trace along "
+             "training (results.json, summary.md, figures)",
         description="Reproduce the theory end to end on generated data: write results.json, summary.md and PNG figures.",
     )
     size = rep.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="grid", action="store_const", const="quick", help="smoke run, under a minute")
+    size.add_argument("--quick", dest="grid", action="store_const", const="quick", help="smoke run, about a minute on 2 cores")
     size.add_argument("--full", dest="grid", action="store_const", const="full",
                       help="the larger grid (more sizes, seeds, matrices; tens of minutes: spread it with torchrun)")
     rep.set_defaults(grid="default")

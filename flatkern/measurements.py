@@ -2,7 +2,7 @@
 
 A family describes ``n`` linear measurements ``y_i = <A_i, E>`` of the
 end-to-end matrix ``E`` (shape ``(d_L, d_0)``), and knows the one contraction
-the trace of the Hessian needs from it (MATH.md):
+the trace of the Hessian needs from it (docs/MATH.md):
 
     contract(P_j, Q_j) = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²
 
@@ -313,7 +313,7 @@ class Dense(Measurements):
         # plain matrix products; A is a view of it
         self._Ap = _private(A.permute(1, 0, 2))
         self.A, self.n = self._Ap.permute(1, 0, 2), A.shape[0]
-        # MATH.md cost model: through K = (1/n) Σ vec(A_i) vec(A_i)ᵀ a contraction costs O((d_0 d_L)²)
+        # docs/MATH.md cost model: through K = (1/n) Σ vec(A_i) vec(A_i)ᵀ a contraction costs O((d_0 d_L)²)
         # instead of O(n d_0 d_L (d_0 + d_L)): the better choice when n > d_0 d_L
         self.family = families.DENSE_KERNEL if self.n > A.shape[1] * A.shape[2] else families.DENSE
 

@@ -3,7 +3,7 @@
 ``DeepLinear(widths)`` is the network ``x ↦ x Eᵀ`` with ``E = W_L ⋯ W_1`` (plus
 biases).  ``hessian_trace_of(model, inputs)`` is the exact trace of the Hessian
 of its MSE or cross-entropy loss over ALL its parameters, for a ``DeepLinear``
-or any ``nn.Sequential`` of ``nn.Linear`` (MATH.md, "Cross-entropy" and "bias").
+or any ``nn.Sequential`` of ``nn.Linear`` (docs/MATH.md, "Cross-entropy" and "bias").
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def hessian_trace_of(
 
     ``model`` is a ``DeepLinear``, an ``nn.Linear`` or an ``nn.Sequential`` of
     ``nn.Linear`` (biases included).  With ``h_{j-1}(x)`` the input of layer
-    ``j`` and ``P_j = W_L ⋯ W_{j+1}`` (MATH.md), the output is affine in each
+    ``j`` and ``P_j = W_L ⋯ W_{j+1}`` (docs/MATH.md), the output is affine in each
     layer's ``(W_j, c_j)``, so the trace equals the Gauss-Newton trace:
 
         tr ∇²L = (1/N) Σ_i Σ_j tr(P_jᵀ H_i P_j) (‖h_{j-1}(x_i)‖² + [layer j has a bias])

@@ -4,7 +4,7 @@ Everything here is vectorized over leading batch dimensions and over
 measurements (no Python loop over either); the only loop is over the ``L``
 layers of the chain.  Inputs are assumed already validated (see ``ops.py``).
 
-Notation (MATH.md): ``W_j`` of shape ``(..., d_j, d_{j-1})``,
+Notation (docs/MATH.md): ``W_j`` of shape ``(..., d_j, d_{j-1})``,
 ``E = W_L ⋯ W_1``, suffix products ``P_j = W_L ⋯ W_{j+1}`` (``P_L = I``),
 prefix products ``Q_j = W_{j-1} ⋯ W_1`` (``Q_1 = I``).
 """

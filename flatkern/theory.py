@@ -1,4 +1,4 @@
-"""The inductive bias of flatness for deep linear networks (MATH.md, the theorem).
+"""The inductive bias of flatness for deep linear networks (docs/MATH.md, the theorem).
 
 For a target ``M`` of shape ``(d_L, d_0)`` and hidden widths ``>= rank M``:
 
@@ -59,7 +59,7 @@ def flatness_lower_bound(M: torch.Tensor, depth: int) -> torch.Tensor:
 def flattest_factorization(M: torch.Tensor, widths, *, rtol: float | None = None) -> list[torch.Tensor]:
     """Weights ``[W_1, ..., W_L]`` with ``W_L ⋯ W_1 = M`` whose ``Isotropic`` trace is ``flatness_lower_bound``.
 
-    With ``M = U Σ Vᵀ`` (rank ``r``) and ``β = (‖M‖_* / √(d_0 d_L))^{1/L}`` (MATH.md):
+    With ``M = U Σ Vᵀ`` (rank ``r``) and ``β = (‖M‖_* / √(d_0 d_L))^{1/L}`` (docs/MATH.md):
     ``W_1 = (d_0/d_L)^{1/4} β^{1-L/2} [Σ^{1/2} Vᵀ; 0]``, ``W_j = β diag(I_r, 0)``,
     ``W_L = (d_L/d_0)^{1/4} β^{1-L/2} [U Σ^{1/2}, 0]``.
 

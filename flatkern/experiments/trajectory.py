@@ -122,7 +122,8 @@ def run_trajectory(depth: int, seed: int, settings: TrajectorySettings, recovery
     widths = [d] * (depth + 1)
     kappa = kernel_norm(meas)
     flattest, report = solve_flattest(meas, b, widths, trace_of=meas, backend=backend,
-                                      tol=recovery.solution_tol, max_outer=recovery.solution_max_outer)
+                                      tol=recovery.solution_tol, max_outer=recovery.solution_max_outer,
+                                      max_inner=recovery.solution_max_inner)
     with torch.no_grad():
         reference = float(hessian_trace(flattest, meas, backend=backend))
     at = log_steps(s.steps, s.points)

@@ -94,9 +94,11 @@ def _check_options(args) -> None:
 def _reproduce(args, *, program: bool = False) -> int:
     import importlib.util
 
-    if importlib.util.find_spec("cvxpy") is None:
-        # fail before minutes of training, not at the first nuclear_norm task
-        print("flatkern reproduce: the nuclear_norm baseline needs cvxpy: pip install cvxpy", file=sys.stderr)
+    missing = [name for name in ("cvxpy", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        # fail before minutes of training, not at the first nuclear_norm task or figure
+        print(f"flatkern reproduce needs {' and '.join(missing)} (the convex baseline and the figures): "
+              "pip install 'flatkern[reproduce]'", file=sys.stderr)
         return 2
     _check_options(args)
 
@@ -150,8 +152,8 @@ def _bench(argv: list[str]) -> int:
     except ImportError as exc:
         if getattr(exc, "name", None) != "flatkern.benchmarks":
             raise
-        print("flatkern bench: this installation has no flatkern.benchmarks module (flatkern/benchmarks.py); "
-              "the benchmarks are not available", file=sys.stderr)
+        print("flatkern bench: this installation has no flatkern.benchmarks module; the benchmarks are not available",
+              file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog="flatkern bench", description="Benchmarks of the flatkern backends.")
     benchmarks.add_arguments(parser)

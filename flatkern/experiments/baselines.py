@@ -55,7 +55,7 @@ def balanced_factorization(M: torch.Tensor, widths: list[int]) -> list[torch.Ten
     ``W_1 = [Σ^{1/L} Vᵀ; 0]``, ``W_j = diag(Σ^{1/L}, 0)``, ``W_L = [U Σ^{1/L}, 0]``
     (``W_{j+1}ᵀ W_{j+1} = W_j W_jᵀ``).  It is also the minimizer of weight decay
     ``Σ_j ‖W_j‖_F²`` over factorizations of ``M``; for depth ``L >= 3`` it is not
-    the flattest unless all nonzero singular values are equal (MATH.md).
+    the flattest unless all nonzero singular values are equal (docs/MATH.md).
 
     Args:
         M: ``(d_L, d_0)``;  widths: ``[d_0, ..., d_L]`` with hidden widths ``>= rank M``.

@@ -3,7 +3,7 @@
 For a random ``M`` (shape ``(d_L, d_0)``, rank ``r``, distinct singular values)
 and a depth ``L``, minimize the ``Isotropic`` trace of the Hessian over
 factorizations ``W_L ⋯ W_1 = M`` and compare it with the theorem's minimum
-``flatness_lower_bound(M, L) = 2 L (d_0 d_L)^{1/L} ‖M‖_*^{2-2/L}`` (MATH.md).
+``flatness_lower_bound(M, L) = 2 L (d_0 d_L)^{1/L} ‖M‖_*^{2-2/L}`` (docs/MATH.md).
 
 Methods (``ratio`` = Isotropic trace / lower bound at the reached ``E``):
 

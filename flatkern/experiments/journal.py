@@ -10,11 +10,12 @@ one task::
     {"flatkern_reproduce": 1, "grid": "quick", "fingerprint": "…", "tasks": 40, "command": "flatkern reproduce --quick"}
     {"index": 3, "task": ["sensing", "networks", 2, 200, 0], "seconds": 4.1, "records": [...]}
 
-A run resumes from the union of every journal in ``--out`` whose header matches
-its grid; a last line cut short by a kill is ignored.  Records are
-deterministic per task (own seeds, one thread), and JSON round-trips floats
-exactly, so a resumed run ends with the same ``results.json`` as an
-uninterrupted one.
+``--resume`` continues from the union of the journals in ``--out`` (every
+header must match the grid and backend asked for); a last line cut short by a
+kill is ignored.  Records are deterministic per task (own seeds, one thread;
+wall times stay out of ``results.json``), and JSON round-trips floats exactly,
+so a resumed run ends with the same ``results.json`` as an uninterrupted one.
+Once ``results.json`` is written the journals are removed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import os
 import shlex
 from pathlib import Path
 
-__all__ = ["JournalError", "fingerprint", "journal_name", "read_journals", "check_out", "prepare", "Journal", "remove_journals", "atomic_write"]
+__all__ = ["JournalError", "fingerprint", "journal_name", "read_journals", "check_out", "prepare", "Journal",
+           "remove_journals", "atomic_write"]
 
 _VERSION = 1
 

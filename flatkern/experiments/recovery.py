@@ -3,7 +3,7 @@
 Every method fits the same measurements ``b = A(M*)`` to (near) zero loss; the
 question is which interpolator it picks.  Gaussian sensing (``Dense``) has the
 restricted isometry property, so the flattest interpolator is close to the
-minimum-nuclear-norm one (MATH.md); uniformly observed entries (``Entries``)
+minimum-nuclear-norm one (docs/MATH.md); uniformly observed entries (``Entries``)
 do not, and are reported as they come out.
 
 Methods (one record each):
@@ -17,13 +17,13 @@ Methods (one record each):
   with ``lam`` decaying to ``lam_end``, then ``lam = 0`` to reach zero loss.
   ``tr`` is the trace of the training-loss Hessian for ``completion``; for
   ``sensing`` it is by default its expectation over Gaussian ``A`` (the
-  ``Isotropic`` trace, MATH.md), about three times cheaper per step than the
+  ``Isotropic`` trace, docs/MATH.md), about three times cheaper per step than the
   exact ``Dense`` trace and, in our trials, as good (``sensing_regularizer="train"``
   regularizes the exact one).  The record's ``regularizer`` says which.
 - ``flattest_solution``: ``flatkern.flattest_solution``, the factorization of least
   ``Isotropic`` trace among those that fit the measurements exactly (a constrained
   solve, not training).  For any measurements that problem *is* the convex program
-  lifted (MATH.md), so its nuclear norm equals ``nuclear_norm``'s at every ``n``.
+  lifted (docs/MATH.md), so its nuclear norm equals ``nuclear_norm``'s at every ``n``.
 - ``nuclear_norm``: the convex program ``min ‖X‖_* s.t. A(X) = b`` (cvxpy);
   it has no depth (``depth`` is null in its record).
 """
@@ -59,7 +59,7 @@ class RecoverySettings:
     lam_start: float = 1e-1
     lam_end: float = 1e-6
     # the trace regularized by `flatness` on sensing: "isotropic" (its expectation over
-    # Gaussian A, MATH.md; the cheap one) or "train" (the exact trace on the n measurements)
+    # Gaussian A, docs/MATH.md; the cheap one) or "train" (the exact trace on the n measurements)
     sensing_regularizer: str = "isotropic"
     # flattest_solution's feasibility tolerance and iteration caps.  Its defaults (1e-10, 100
     # outer, 1000 inner) cost up to 190 s per depth-4 solve here, for digits no table shows;

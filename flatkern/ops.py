@@ -277,8 +277,4 @@ def hessian_trace_and_grad(weights, measurements: Measurements, *, reduction: st
         trace, grads = _op._triton.hessian_trace_and_grad_eager(weights, measurements.family,
                                                                 list(measurements.operands), scale, not per_layer)
         return trace, list(grads)
-    with torch.inference_mode(False), torch.enable_grad():
-        leaves = [w.detach().clone().requires_grad_() for w in weights]
-        trace = reference.layer_terms_ref(leaves, measurements, scale=scale, sum_layers=not per_layer)
-        grads = torch.autograd.grad(trace.sum(), leaves)
-    return trace.detach(), [g.detach() for g in grads]
+    return reference.layer_terms_and_grad_ref(weights, measurements, scale=scale, sum_layers=not per_layer)

@@ -16,7 +16,7 @@ import torch
 from .measurements import Isotropic, Measurements
 
 __all__ = [
-    "end_to_end_ref", "chain_products_ref", "layer_terms_ref", "layer_terms_and_end_to_end_ref",
+    "end_to_end_ref", "chain_products_ref", "layer_terms_ref", "layer_terms_and_end_to_end_ref", "layer_terms_and_grad_ref",
     "hessian_trace_ref", "mse_loss_ref",
 ]
 
@@ -89,6 +89,18 @@ def layer_terms_and_end_to_end_ref(weights: list[torch.Tensor], measurements: Me
     P, Q = chain_products_ref(weights)
     E = weights[0] if Q[-1] is None else weights[-1] @ Q[-1]
     return scaled_terms(_layer_terms_from_chain(weights, measurements, P, Q), scale, sum_layers), E
+
+
+def layer_terms_and_grad_ref(weights: list[torch.Tensor], measurements: Measurements, *, scale: float = 1.0,
+                             sum_layers: bool = False):
+    """``(layer_terms_ref(weights, ...), grads)``, ``grads[j] = ∂ Σ(terms) / ∂W_j``, by autograd on
+    detached copies: neither output requires grad, and it works under ``no_grad`` and ``inference_mode``."""
+    # inference_mode(False) + clone: weights made under inference_mode cannot enter a graph as they are
+    with torch.inference_mode(False), torch.enable_grad():
+        leaves = [w.detach().clone().requires_grad_() for w in weights]
+        terms = layer_terms_ref(leaves, measurements, scale=scale, sum_layers=sum_layers)
+        grads = torch.autograd.grad(terms.sum(), leaves, allow_unused=True, materialize_grads=True)
+    return terms.detach(), [g.detach() for g in grads]
 
 
 def hessian_trace_ref(

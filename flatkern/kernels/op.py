@@ -206,11 +206,8 @@ def _hessian_trace_backward_ref(weights, family, operands, saved, grad_terms, gr
 
 
 def _hessian_trace_and_grad_ref(weights, family, operands, scale=1.0, sum_layers=False):
-    with torch.inference_mode(False), torch.enable_grad():
-        leaves = _detached_leaves(weights)
-        terms, _ = _terms_ref(leaves, family, operands, False, scale, sum_layers)
-        grads = torch.autograd.grad(terms.sum(), leaves, allow_unused=True, materialize_grads=True)
-    return terms.detach(), [g.detach() for g in grads]
+    return reference.layer_terms_and_grad_ref(list(weights), from_operands(family, operands), scale=scale,
+                                              sum_layers=sum_layers)
 
 
 class _HessianTrace(torch.autograd.Function):

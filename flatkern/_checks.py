@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-BACKENDS = ("auto", "torch", "cpp", "triton")
+from .kernels import BACKENDS
+
 REDUCTIONS = ("mean", "sum")
 
 
@@ -40,8 +41,67 @@ def check_weights(weights, name: str = "weights") -> list[torch.Tensor]:
                     break
                 width = s[-2]
             else:
+                if len(weights) > 1:
+                    check_untied(weights, name)
                 return list(weights)
-    return _check_weights_rules(weights, name)
+    weights = _check_weights_rules(weights, name)
+    check_untied(weights, name)
+    return weights
+
+
+def _extent(w: torch.Tensor) -> tuple[int, int]:
+    """``[first, last]`` element offsets ``w`` reads in its storage."""
+    last = w.storage_offset() + sum((s - 1) * st for s, st in zip(w.shape, w.stride()) if s > 0)
+    return w.storage_offset(), last
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (one storage) share an element: exact, also for interleaved views."""
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    if a1 < b0 or b1 < a0:
+        return False
+    if a.shape == b.shape and a.stride() == b.stride() and a0 == b0:
+        return True
+    # rare (two strided views whose spans cross): mark a's elements, look for b's
+    with torch.no_grad():
+        lo, hi = min(a0, b0), max(a1, b1)
+        mark = torch.zeros(hi - lo + 1, dtype=torch.bool, device=a.device)
+        mark.as_strided(a.shape, a.stride(), a0 - lo).fill_(True)
+        return bool(mark.as_strided(b.shape, b.stride(), b0 - lo).any())
+
+
+def check_untied(weights, name: str = "weights") -> None:
+    """Raise if two layers share a parameter (the same tensor, or views of the same memory).
+
+    The trace is over the Hessian with respect to every *distinct* parameter: a weight used at two
+    positions adds cross terms between them (which depend on the targets), so the per-position
+    formula would silently answer a different question.
+    """
+    if torch.compiler.is_compiling():
+        # storage pointers cannot be traced: the same tensor twice is what a graph can still tell
+        for j, w in enumerate(weights):
+            for i in range(j):
+                if weights[i] is w:
+                    raise ValueError(f"{name}[{i}] (layer W_{i + 1}) and {name}[{j}] (layer W_{j + 1}) share memory "
+                                     f"(the same parameter): the trace of a network whose layers share weights has "
+                                     f"cross terms the per-layer formula does not include")
+        return
+    seen: dict = {}
+    for j, w in enumerate(weights):
+        if w.numel() == 0:
+            continue
+        try:
+            key = (w.device, w.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without storage: nothing to compare
+            return
+        for i in seen.get(key, ()):
+            if _overlap(weights[i], w):
+                raise ValueError(
+                    f"{name}[{i}] (layer W_{i + 1}) and {name}[{j}] (layer W_{j + 1}) share memory (the same "
+                    f"parameter, or views of it): the trace of a network whose layers share weights has cross terms "
+                    f"the per-layer formula does not include; pass distinct tensors (e.g. W.clone()) if the layers "
+                    f"are meant to be independent")
+        seen.setdefault(key, []).append(j)
 
 
 def _check_weights_rules(weights, name: str) -> list[torch.Tensor]:
@@ -99,6 +159,22 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def check_widths(widths, name: str = "widths") -> list[int]:
+    """``[d_0, ..., d_L]`` as Python ints (ints and numpy integers; each >= 1, at least two), or an
+    error naming ``name`` and the entry: bools, floats (``5.9``, and ``5.0`` as in ``range``) and
+    widths below 1 are refused.  The one rule for widths in flatkern."""
+    scalar = isinstance(widths, torch.Tensor) and widths.dim() == 0
+    if scalar or isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise TypeError(
+            f"{name} must be a sequence of ints [d_0, d_1, ..., d_L] (input, hidden and output widths, "
+            f"e.g. [20, 32, 20]), got {widths!r} ({type(widths).__name__})"
+        )
+    widths = list(widths)
+    if len(widths) < 2:
+        raise ValueError(f"{name} must list at least two widths [d_0, ..., d_L] (one layer), got {widths!r}")
+    return [check_int(d, f"{name}[{j}]", minimum=1) for j, d in enumerate(widths)]
 
 
 def check_floating(t: torch.Tensor, name: str, like: torch.Tensor) -> None:

@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_int
-from .measurements import Isotropic, Measurements
+from .kernels import families
+from .measurements import Dense, Entries, Inputs, Isotropic, Measurements
 from .ops import end_to_end, hessian_trace
 from .theory import _check_widths, flattest_factorization
 
@@ -88,6 +89,10 @@ class FlattestReport:
         seconds: wall time.
         history: one dict per outer iteration (``feasibility``, ``stationarity``, ``trace``,
             ``penalty``, ``inner``).
+        tol, stationarity_tol: the tolerances the solve used (the defaults of ``dtype``, or the
+            ones asked for, raised to what ``dtype`` can resolve).
+        stalled: the solve stopped because neither residual had halved in ``_PATIENCE`` outer
+            iterations (``converged`` is then ``False``).
     """
 
     converged: bool
@@ -104,6 +109,9 @@ class FlattestReport:
     multipliers: torch.Tensor
     seconds: float = 0.0
     history: list = field(default_factory=list, repr=False)
+    tol: float = math.nan
+    stationarity_tol: float = math.nan
+    stalled: bool = False
 
 
 def flattest_solution(
@@ -113,8 +121,8 @@ def flattest_solution(
     *,
     trace_of: Measurements | None = None,
     dtype: torch.dtype = torch.float64,
-    tol: float = 1e-10,
-    stationarity_tol: float = 1e-6,
+    tol: float | None = None,
+    stationarity_tol: float | None = None,
     max_outer: int = 100,
     max_inner: int = 1000,
     generator: torch.Generator | int | None = None,
@@ -145,6 +153,18 @@ def flattest_solution(
     the cap it is the flattest of that rank, and wider layers may give a flatter one (the
     multipliers certify nothing there: with no spare width they need not bound the nuclear norm).
 
+    Before the solve, where the measurement matrix is small enough to form (``Entries`` and
+    ``Inputs`` always), the least-squares fit of ``targets`` is computed: targets that no ``E``
+    fits (contradictory or linearly dependent measurements, ``‖A(E_ls) - b‖/‖b‖ > max(tol, 1e-8)``)
+    and measurements that determine ``E`` with a rank the hidden widths cannot hold are a
+    ``ValueError``.  A solve in which neither residual halves in ``_PATIENCE`` (10) outer
+    iterations stops there (``report.stalled``).  One that does not converge returns the most
+    feasible iterate it met, or ``W = 0`` where none fit better than ``E = 0`` (feasibility 1).
+
+    Depth 1 (``widths = [d_0, d_L]``) is refused: there the trace, ``(2/n) Σ_i ‖A_i‖_F²``
+    (``2 d_L d_0`` for ``Isotropic``), does not depend on ``W``, so every interpolator is equally
+    flat and none is "the" flattest.
+
     Args:
         measurements: the family fit exactly (``Dense``, ``Entries``, ``RankOne``, ``Inputs``;
             ``Isotropic`` fixes ``E = targets`` and leaves only the factorization free).
@@ -152,9 +172,12 @@ def flattest_solution(
             ``Inputs``; ``(d_L, d_0)`` for ``Isotropic``.  No batch dimensions.
         widths: ``[d_0, d_1, ..., d_L]`` (ints), as in ``flattest_factorization``.
         trace_of: the measurements whose trace is minimized; ``None`` means ``Isotropic()``.
-        dtype: floating dtype of the solve and of the answer (the default tolerances need float64).
-        tol: feasibility tolerance on ``‖A(E) - b‖ / ‖b‖``.
-        stationarity_tol: tolerance on ``‖∇_W (T/2 + yᵀ r)‖ / ‖∇_W T/2‖``.
+        dtype: ``torch.float64`` (default) or ``torch.float32``, the dtype of the solve and of the answer.
+        tol: feasibility tolerance on ``‖A(E) - b‖ / ‖b‖``; ``None``: ``1e-10`` in float64,
+            ``100 eps = 1.2e-5`` in float32.  A tolerance below ``100 eps`` of ``dtype``, which its
+            rounding cannot reach, is raised to ``100 eps`` with a warning.
+        stationarity_tol: tolerance on ``‖∇_W (T/2 + yᵀ r)‖ / ‖∇_W T/2‖``; ``None``: ``1e-6``
+            (``100 eps`` in float32); raised to ``100 eps`` likewise.
         max_outer: most multiplier updates.
         max_inner: most L-BFGS iterations per multiplier update.
         generator: the random start: a ``torch.Generator``, an int seed, or ``None`` (seed 0,
@@ -169,27 +192,34 @@ def flattest_solution(
         targets' device, not requiring grad; with ``return_report``, ``(weights, report)``.
 
     Raises:
-        TypeError, ValueError: arguments of the wrong type, shape or value, naming them.
+        TypeError, ValueError: arguments of the wrong type, shape or value, naming them; depth 1;
+            targets that no ``E`` fits, or that need a rank above the hidden widths (see above).
 
     Warns:
-        ConvergenceWarning: the tolerances were not reached in ``max_outer`` iterations; the
-            message gives the residuals, and the weights are the last iterate.
+        ConvergenceWarning: the tolerances were not reached in ``max_outer`` iterations, or the
+            solve stalled; the message gives the residuals, and the weights are the most feasible
+            iterate met.
+        UserWarning: a tolerance below what ``dtype`` can resolve was raised.
     """
     start_time = time.perf_counter()
     widths = _check_widths(widths)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    for name, value in (("tol", tol), ("stationarity_tol", stationarity_tol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    if len(widths) == 2:
+        raise ValueError(
+            f"flattest_solution needs depth L >= 2 (widths [d_0, d_1, ..., d_L] with a hidden width), got widths "
+            f"{widths}: at depth 1 the trace of the Hessian, (2/n) Σ_i ‖A_i‖_F² (2 d_L d_0 for Isotropic), does "
+            "not depend on the weights, so every interpolator is equally flat; the theorem's flattest solution "
+            "(the minimum-nuclear-norm one) is reached from depth 2 on")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float64 or torch.float32, got {dtype!r} (half precision cannot resolve "
+                        "the constraint)")
+    tol = _tolerance(tol, "tol", _DEFAULT_TOL, dtype)
+    stationarity_tol = _tolerance(stationarity_tol, "stationarity_tol", _DEFAULT_STATIONARITY_TOL, dtype)
     max_outer = check_int(max_outer, "max_outer", minimum=1)
     max_inner = check_int(max_inner, "max_inner", minimum=1)
     if not isinstance(progress, bool) or not isinstance(verbose, bool):
         raise TypeError(f"verbose and progress must be bools, got {verbose!r} and {progress!r}")
     d_0, d_L, L = widths[0], widths[-1], len(widths) - 1
     hidden = widths[1:-1]
-    if min(widths) < 1:
-        raise ValueError(f"widths {widths} must all be >= 1")
 
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
@@ -209,6 +239,8 @@ def flattest_solution(
         if rank > min(hidden):
             raise ValueError(f"hidden widths {hidden} must be at least rank(targets) = {rank}: "
                              "narrower layers cannot reach zero loss")
+    elif float(b.norm()) != 0.0:
+        _check_a_fit_exists(measurements, targets, widths, tol)
     if isinstance(generator, torch.Generator):
         gen = generator
     elif generator is None:
@@ -219,30 +251,116 @@ def flattest_solution(
     if float(b.norm()) == 0.0:  # E = 0 fits, and W = 0 has trace 0
         weights = [torch.zeros(widths[j + 1], widths[j], dtype=dtype, device=b.device) for j in range(L)]
         report = FlattestReport(True, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0, 0.0, torch.zeros_like(b),
-                                time.perf_counter() - start_time)
+                                time.perf_counter() - start_time, tol=tol, stationarity_tol=stationarity_tol)
         return (weights, report) if return_report else weights
 
     solver = _AugmentedLagrangian(m, t_of, b, widths, backend=backend, generator=gen)
     weights, report = solver.run(tol=tol, stationarity_tol=stationarity_tol, max_outer=max_outer,
                                  max_inner=max_inner, verbose=verbose, progress=progress)
     report.seconds = time.perf_counter() - start_time
+    report.tol, report.stationarity_tol = tol, stationarity_tol
     if not report.converged:
         narrow = ""
         if hidden and min(hidden) < min(d_0, d_L):
             narrow = (f"; the hidden widths {hidden} are below min(d_0, d_L) = {min(d_0, d_L)}, so E has rank at "
                       f"most {min(hidden)}: zero loss may need wider layers")
+        how = (f"stalled after {report.outer_iterations} outer iterations (neither residual halved in the last "
+               f"{_PATIENCE})" if report.stalled else f"did not converge in {report.outer_iterations} outer iterations")
         warnings.warn(
-            f"flattest_solution did not converge in {report.outer_iterations} outer iterations: feasibility "
+            f"flattest_solution {how}: feasibility "
             f"‖A(E) - b‖/‖b‖ = {report.feasibility:.3g} (tol {tol:g}), stationarity {report.stationarity:.3g} "
-            f"(tol {stationarity_tol:g}){narrow}", ConvergenceWarning, stacklevel=2)
+            f"(tol {stationarity_tol:g}); the weights are the most feasible iterate met{narrow}",
+            ConvergenceWarning, stacklevel=2)
     return (weights, report) if return_report else weights
+
+
+def _tolerance(value, name: str, default: float, dtype: torch.dtype) -> float:
+    """``value`` (``default`` if ``None``) checked, and raised to ``100 eps`` of ``dtype`` with a warning:
+    below that the residuals are rounding noise, and the solve would run to ``max_outer`` for nothing."""
+    floor = _TOL_EPS * torch.finfo(dtype).eps
+    if value is None:
+        return max(default, floor)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    if value < floor:
+        warnings.warn(f"{name}={value:g} is below what {dtype} can resolve ({_TOL_EPS:g} eps = {floor:.2g}): using "
+                      f"{name}={floor:.2g}; solve in torch.float64 for a tighter one", UserWarning, stacklevel=3)
+        return floor
+    return float(value)
+
+
+def _no_fit(detail: str) -> ValueError:
+    return ValueError(f"no E fits the targets: {detail}; the measurements are linearly dependent (for instance "
+                      "the same measurement twice) and the targets contradict them. Drop or average the repeated "
+                      "measurements, or fit them in least squares (flatkern.mse_loss) instead of exactly")
+
+
+def _check_a_fit_exists(measurements: Measurements, targets: torch.Tensor, widths: list[int], tol: float) -> None:
+    """Raise if no ``E`` fits ``targets`` (least squares, in float64 on the CPU), or if the measurements
+    determine ``E`` and its rank exceeds the narrowest hidden width.
+
+    Formed only where cheap: ``Entries`` (the repeated entries must agree; ``E`` is determined when
+    every entry is seen) and ``Inputs`` (the least squares of ``x``) always, others through their
+    ``(n, d_L d_0)`` measurement matrix when it has at most ``_FIT_CHECK_MAX`` entries.  A rank is
+    refused only when the measurements prove it: ``σ_min(J) ‖E - E_k‖_F``, a lower bound on the
+    residual of every rank-``k`` matrix, above the threshold.
+    """
+    d_L, d_0, hidden = widths[-1], widths[0], widths[1:-1]
+    b = targets.detach().to(device="cpu", dtype=torch.float64)
+    threshold = max(tol, _FIT_RTOL) * float(b.norm())
+    if isinstance(measurements, Entries):
+        flat = (measurements.rows * d_0 + measurements.cols).cpu()
+        seen, where, counts = torch.unique(flat, return_inverse=True, return_counts=True)
+        mean = torch.zeros(len(seen), dtype=torch.float64).index_add_(0, where, b) / counts
+        residual = float((b - mean[where]).norm())
+        if residual > threshold:
+            worst = int((b - mean[where]).abs().argmax())
+            raise _no_fit(f"Entries measure entry ({int(measurements.rows[worst])}, {int(measurements.cols[worst])}) "
+                          f"more than once with different targets (least-squares residual ‖A(E) - b‖/‖b‖ = "
+                          f"{residual / float(b.norm()):.3g})")
+        if len(seen) < d_L * d_0:
+            return
+        E, sigma_min = mean.reshape(d_L, d_0), float(counts.min()) ** 0.5
+    else:
+        if isinstance(measurements, Inputs):
+            x = measurements.x.detach().to(device="cpu", dtype=torch.float64)
+            fit = torch.linalg.lstsq(x, b, driver="gelsd")   # E ᵀ from x Eᵀ = B
+            E, J_rank, J_sv, full = fit.solution.T, int(fit.rank), fit.singular_values, d_0
+            residual = float((x @ fit.solution - b).norm())
+        else:
+            if b.numel() * d_L * d_0 > _FIT_CHECK_MAX:
+                return
+            m = measurements.to(device="cpu", dtype=torch.float64)
+            if isinstance(m, Dense):
+                J = m.A.reshape(m.n, d_L * d_0)
+            else:  # the rows of J are the A_i: the Jacobian of the linear map predict
+                J = torch.func.jacrev(m.predict)(torch.zeros(d_L, d_0, dtype=torch.float64)).reshape(-1, d_L * d_0)
+            fit = torch.linalg.lstsq(J, b.reshape(-1, 1), driver="gelsd")
+            E, J_rank, J_sv, full = fit.solution.reshape(d_L, d_0), int(fit.rank), fit.singular_values, d_L * d_0
+            residual = float((J @ fit.solution - b.reshape(-1, 1)).norm())
+        if residual > threshold:
+            raise _no_fit(f"the least-squares fit leaves ‖A(E) - b‖/‖b‖ = {residual / float(b.norm()):.3g} "
+                          f"(tol {tol:g}); the measurements have rank {J_rank} for {b.numel()} targets")
+        if J_rank < full:
+            return
+        sigma_min = float(J_sv[-1])
+    if not hidden:
+        return
+    k = min(hidden)
+    S = torch.linalg.svdvals(E)
+    # every rank-k E' leaves ‖A(E') - b‖ = ‖A(E' - E)‖ >= σ_min(J) ‖E' - E‖_F >= σ_min(J) ‖σ_{>k}(E)‖
+    if sigma_min * float(S[k:].norm()) > threshold:
+        rank = int((S > S[0] * _RANK_RTOL).sum())
+        raise ValueError(f"hidden widths {hidden} must be at least the rank of E, which the measurements determine: "
+                         f"the one E that fits them has rank {rank} (singular values {S[:rank + 1].tolist()}), and "
+                         f"narrower layers cannot reach zero loss")
 
 
 def _prepare(measurements, name: str, widths: list[int], like: torch.Tensor) -> Measurements:
     """``measurements`` in ``like``'s dtype and device, checked against ``E`` of shape ``(d_L, d_0)``."""
     if not isinstance(measurements, Measurements):
-        raise TypeError(f"{name} must be a flatkern measurement family (Isotropic, Entries, RankOne, Dense, "
-                        f"Inputs), got {type(measurements).__name__}")
+        raise TypeError(f"{name} must be a flatkern measurement family ({families.families_message()}), "
+                        f"got {type(measurements).__name__}")
     d_L, d_0 = widths[-1], widths[0]
     m = measurements.to(device=like.device, dtype=like.dtype)
     try:
@@ -272,6 +390,9 @@ class _AugmentedLagrangian:
         # E_0: the multiple of A*(b) that fits b best
         Ab = _adjoint(m, b, d_L, d_0)
         pred = m.predict(Ab)
+        if float(pred.square().sum()) == 0.0:  # A A*(b) = 0: b is orthogonal to every measurement's range
+            raise _no_fit("A*(b) = Σ_i b_i A_i is zero, so b is orthogonal to everything the measurements can "
+                          "predict")
         E0 = Ab * (float(b.flatten() @ pred.flatten()) / float(pred.square().sum()))
         self.scale = float(E0.norm())
         self.b = (b / self.scale).flatten()
@@ -312,6 +433,12 @@ class _AugmentedLagrangian:
         best_feas, bound = math.inf, 0.0
         history, inner_total, converged = [], 0, False
         certify, escapes, saved = isinstance(self.t_of, Isotropic), 0, None
+        # progress: the larger residual over its tolerance; a solve where it has not halved in
+        # _PATIENCE outer iterations is stuck (infeasible widths, rounding floors) and stops
+        best_progress, since, stalled = math.inf, 0, False
+        # the fallback answer of a solve that does not converge: the most feasible iterate met,
+        # starting from W = 0 (feasibility 1), so that it never fits worse than E = 0
+        most_feasible = (1.0, torch.zeros_like(x), y, math.inf)
         memory = _Memory(_HISTORY)
         bar = None
         if progress:
@@ -373,14 +500,27 @@ class _AugmentedLagrangian:
                           "with the ranks they point to", file=sys.stderr, flush=True)
                 saved = (x, y, float(T.detach()), stat, feas, self.evaluations)
                 x, escapes, best_feas, rho = x_new, escapes + 1, math.inf, _RHO0 * self.rho_unit
+                best_progress, since = math.inf, 0
                 memory.clear()
                 continue
+            if feas < most_feasible[0]:
+                most_feasible = (feas, x, y, stat)
+            progress_now = max(feas / tol, stat / stationarity_tol)
+            if progress_now < 0.5 * best_progress:
+                best_progress, since = progress_now, 0
+            else:
+                since += 1
+                if since >= _PATIENCE and saved is None:
+                    stalled = True
+                    break
             if feas > _STALL * best_feas:
                 rho = min(rho * _RHO_GROWTH, _RHO_MAX * self.rho_unit)
             best_feas = min(best_feas, feas)
         if saved is not None:  # the restart ran out of iterations: the point it left is the answer
             x, y, _, stat, feas, _ = saved
             converged = True
+        if not converged and most_feasible[0] < feas:
+            feas, x, y, stat = most_feasible
         if bar is not None:
             bar.close()
         weights = [w.detach() * self.scale ** (1 / self.L) for w in self.layers(x)]
@@ -392,7 +532,7 @@ class _AugmentedLagrangian:
             nuclear_norm=float(torch.linalg.matrix_norm(E, ord="nuc")), nuclear_norm_bound=bound * self.scale,
             outer_iterations=k + 1, inner_iterations=inner_total, evaluations=self.evaluations, restarts=escapes,
             penalty=rho / self.scale ** (2 / self.L),
-            multipliers=(y * self.scale ** (1 - 2 / self.L)).reshape(self.b_shape), history=history)
+            multipliers=(y * self.scale ** (1 - 2 / self.L)).reshape(self.b_shape), history=history, stalled=stalled)
         return weights, report
 
     def _escape(self, E, y):
@@ -582,3 +722,9 @@ _ESCAPE_SIZE = 0.1   # size of the added directions, relative to E's smallest si
 _ESCAPE_NOISE = 1e-3
 _RANK_RTOL = 1e-6
 _NOISE = 1e-10      # relative rounding error of L_ρ below which the line search compares slopes
+_PATIENCE = 10      # outer iterations without halving max(feasibility/tol, stationarity/stationarity_tol): stalled
+_DEFAULT_TOL = 1e-10               # feasibility tolerance in float64 ...
+_DEFAULT_STATIONARITY_TOL = 1e-6   # ... and stationarity tolerance
+_TOL_EPS = 100.0    # the tightest tolerances a dtype resolves, in units of its eps (float32: 1.2e-5)
+_FIT_RTOL = 1e-8    # a least-squares residual (relative, float64) above max(tol, this) proves no E fits
+_FIT_CHECK_MAX = 1 << 22  # most entries of the (n, d_L d_0) measurement matrix formed for that check (32 MB)

@@ -193,17 +193,26 @@ class Entries(Measurements):
         self.n = rows.shape[0]
 
     def _make_operands(self):
-        d_L, d_0 = self.shape
-        counts = torch.bincount(self.rows * d_0 + self.cols, minlength=d_L * d_0)
-        density = (counts.to(torch.float64) / self.n).reshape(d_L, d_0)
-        return (self.rows, self.cols, density)
+        # the indices only: memory O(n), never O(d_L d_0) (a 10^5 x 10^5 completion problem must fit)
+        return (self.rows, self.cols)
 
     @classmethod
     def uniform(cls, n: int, shape: tuple[int, int], *, generator=None, replace: bool = False, device=None) -> "Entries":
-        """``n`` entries of an ``shape`` matrix drawn uniformly (without replacement by default)."""
+        """``n`` entries of an ``shape`` matrix drawn uniformly (without replacement by default).
+
+        ``n``: an integer ``>= 1`` (``<= d_L d_0`` without replacement); ``shape``: ``(d_L, d_0)``.
+        """
+        n = check_int(n, "Entries.uniform n (the number of entries)", minimum=1)
+        if not hasattr(shape, "__len__") or len(shape) != 2:
+            raise ValueError(f"Entries.uniform shape must be (d_L, d_0), got {shape!r}")
+        shape = (check_int(shape[0], "Entries.uniform shape[0] (d_L)", minimum=1),
+                 check_int(shape[1], "Entries.uniform shape[1] (d_0)", minimum=1))
+        if not isinstance(replace, bool):
+            raise TypeError(f"Entries.uniform replace must be a bool, got {replace!r}")
         total = shape[0] * shape[1]
         if not replace and n > total:
-            raise ValueError(f"cannot draw n={n} distinct entries from a {shape} matrix ({total} entries)")
+            raise ValueError(f"cannot draw n={n} distinct entries from a {shape} matrix ({total} entries); "
+                             "pass a smaller n, or replace=True to draw with replacement")
         if replace:
             flat = torch.randint(total, (n,), generator=generator)
         else:
@@ -334,10 +343,12 @@ class Dense(Measurements):
         ``O((d_0 d_L)²)`` instead of ``O(n d_0 d_L (d_0 + d_L))``: the better
         choice when ``n > d_0 d_L`` and the measurements are reused across steps.
         Computed once from the object's private copy of ``A`` (later edits of the
-        caller's tensor do not reach it); a (non-contiguous) view of the one cached
-        copy, which ``_kernel_pairs`` stores in the layout the C++ backend reads.
+        caller's tensor do not reach it) and cached in the layout the C++ backend
+        reads (``_kernel_pairs``).  What is returned is a fresh contiguous copy
+        (``(d_L d_0)²`` elements, one copy per call): the cache is what the kernels
+        read, so handing it out would let ``kernel().mul_(2)`` change later answers.
         """
-        return self._kernel_pairs().permute(0, 2, 1, 3)
+        return self._kernel_pairs().permute(0, 2, 1, 3).clone(memory_format=torch.contiguous_format)
 
     def _kernel_pairs(self) -> torch.Tensor:
         """``K`` as ``Kp[a, c, b, d] = K[a, b, c, d]``, contiguous, shape ``(d_L, d_L, d_0, d_0)``.
@@ -429,30 +440,36 @@ class Inputs(Measurements):
         return f"Inputs(N={self.x.shape[0]}, d_0={self.x.shape[1]})"
 
 
-def from_operands(family: int, operands) -> Measurements:
-    """The measurement object that ``(family, operands)`` encode, sharing the operand tensors (no copy,
-    no checks): how an op's plain-torch kernel gets back to the reference formulas."""
-    operands = tuple(operands)
-    if family == families.ISOTROPIC:
-        m = Isotropic.__new__(Isotropic)
-        m.n = None
-    elif family == families.ENTRIES:
-        m = Entries.__new__(Entries)
-        m.rows, m.cols = operands[0], operands[1]
-        m.shape, m.n = tuple(operands[2].shape), operands[0].shape[0]
+def _decode(cls, family: int, operands: tuple) -> Measurements:
+    """The object of class ``cls`` that ``(family, operands)`` encode, sharing the operand tensors (no
+    copy, no checks): how an op's plain-torch kernel gets back to the reference formulas.  Bound into
+    the family registry (``flatkern/kernels/families.py``) below, so that kernels never import this module."""
+    m = cls.__new__(cls)
+    m.n = families.get(family).measurement_count([o.shape for o in operands]) or None
+    if family == families.ENTRIES:
+        m.rows, m.cols, m.shape = operands[0], operands[1], None
     elif family == families.RANK_ONE:
-        m = RankOne.__new__(RankOne)
-        m.u, m.v, m.n = operands[0], operands[1], operands[0].shape[0]
+        m.u, m.v = operands
     elif family in (families.DENSE, families.DENSE_KERNEL):
-        m = Dense.__new__(Dense)
         m._Ap, m.family = operands[0], family
-        m.A, m.n = operands[0].permute(1, 0, 2), operands[0].shape[1]
+        m.A = operands[0].permute(1, 0, 2)
         if family == families.DENSE_KERNEL:
             m._Kp = operands[1]
     elif family == families.INPUTS:
-        m = Inputs.__new__(Inputs)
         m.x, m.n = operands[0], None
-    else:
-        raise ValueError(f"unknown measurement family code {family} (flatkern/kernels/families.py)")
     m._operands = operands
     return m
+
+
+for _cls in (Isotropic, Entries, RankOne, Dense, Inputs):
+    _cls._from_operands = classmethod(_decode)
+families.bind_class(Isotropic, families.ISOTROPIC)
+families.bind_class(Entries, families.ENTRIES)
+families.bind_class(RankOne, families.RANK_ONE)
+families.bind_class(Dense, families.DENSE, families.DENSE_KERNEL)
+families.bind_class(Inputs, families.INPUTS)
+
+
+def from_operands(family: int, operands) -> Measurements:
+    """The measurement object that ``(family, operands)`` encode (``families.get(family).decode``)."""
+    return families.get(family).decode(operands)

@@ -33,15 +33,42 @@ def check_lam(lam, name: str = "lam") -> float:
     return out
 
 
-def _check_lam_tensor(lam: torch.Tensor) -> None:
+def _raise_unless_valid_lam(lam: torch.Tensor) -> None:
+    with torch.no_grad():
+        ok = bool(((lam >= 0) & (lam < math.inf)).all())  # NaN fails both comparisons
+    if not ok:
+        raise ValueError(f"lam must be finite and >= 0 everywhere, got {lam.detach()}")
+
+
+@torch.library.custom_op("flatkern::checked_lam", mutates_args=())
+def _checked_lam(lam: torch.Tensor) -> torch.Tensor:
+    """``lam`` itself (a copy), or a ``ValueError`` if an entry is negative, NaN or inf.
+
+    The check reads the values, which a compiled graph cannot do while it is traced: as an
+    opaque op it runs when the graph runs, so ``torch.compile(fullgraph=True)`` raises the
+    eager error instead of returning ``data + lam · trace`` for a bad ``lam``.
+    """
+    _raise_unless_valid_lam(lam)
+    return lam.clone()
+
+
+@_checked_lam.register_fake
+def _(lam):
+    return torch.empty_like(lam)
+
+
+_checked_lam.register_autograd(lambda ctx, grad: grad)  # the identity, where lam is valid
+
+
+def _check_lam_tensor(lam: torch.Tensor) -> torch.Tensor:
+    """``lam`` (a tensor) once checked: real, and finite and ``>= 0`` in every entry."""
     if lam.dtype == torch.bool or lam.is_complex():
         raise TypeError(f"lam must be a real tensor, got dtype {lam.dtype}")
-    # one reduction and one read: a data-dependent check that torch.compile cannot trace, so skipped there
-    if not torch.compiler.is_compiling():
-        with torch.no_grad():
-            ok = bool(((lam >= 0) & (lam < math.inf)).all())
-        if not ok:
-            raise ValueError(f"lam must be finite and >= 0 everywhere, got {lam.detach()}")
+    if torch.compiler.is_compiling():
+        return _checked_lam(lam)
+    # eager: one reduction and one read, without the op's dispatch and copy
+    _raise_unless_valid_lam(lam)
+    return lam
 
 
 def objective(
@@ -67,11 +94,13 @@ def objective(
 
     Args:
         weights: ``[W_1, ..., W_L]``, ``W_j`` of shape ``(..., d_j, d_{j-1})``.
-        measurements: a measurement family (``Isotropic``, ``Entries``, ``RankOne``, ``Dense``, ``Inputs``).
+        measurements: a measurement family (``flatkern.measurements``).
         targets: as in ``flatkern.mse_loss``: ``(..., n)``; ``(..., N, d_L)`` for ``Inputs``;
             ``(..., d_L, d_0)`` for ``Isotropic``.
         lam: regularization strength, finite and ``>= 0`` (a number, or a tensor broadcasting
-            against ``(...)``); anything else raises, naming ``lam``.
+            against ``(...)``); anything else raises, naming ``lam``, in eager and compiled alike
+            (compiled, a tensor's values are checked when the graph runs, by the op
+            ``flatkern::checked_lam``).
         reduction: ``"mean"`` or ``"sum"``, as in ``nn.MSELoss``; applies to both terms.
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
 
@@ -81,7 +110,7 @@ def objective(
     weights = check_weights(weights)
     check_reduction(reduction)
     if isinstance(lam, torch.Tensor):
-        _check_lam_tensor(lam)
+        lam = _check_lam_tensor(lam)
     else:
         lam = check_lam(lam)
     d_L, d_0 = ops._check_measurements(measurements, weights)

@@ -5,7 +5,8 @@
 where ``tr ∇²L`` is ``flatkern.hessian_trace(weights, measurements, reduction=...)``
 (docs/MATH.md): the exact trace of the Hessian of the MSE loss on ``measurements``.
 The trace and its gradient come from one ``flatkern.hessian_trace_and_grad`` call
-(one fused kernel on CPU, no autograd graph) and are added with one foreach op.
+(one fused kernel on CPU, no autograd graph; a ``flatkern.TraceProblem`` checked once, at the
+first step) and are added with one foreach op.
 
     >>> model = flatkern.nn.DeepLinear([5, 8, 8, 4])
     >>> opt = flatkern.optim.FlatnessRegularized(model, torch.optim.SGD, lam=1e-2,
@@ -26,9 +27,10 @@ from torch import nn
 from torch.optim import optimizer as _torch_optimizer
 
 from ._checks import check_backend, check_reduction, check_weights
+from .kernels import families
 from .measurements import Isotropic, Measurements
 from .objective import check_lam
-from .ops import hessian_trace_and_grad
+from .ops import TraceProblem
 
 __all__ = ["FlatnessRegularized"]
 
@@ -73,6 +75,56 @@ def _split_params(params) -> tuple[list[torch.Tensor], list]:
             chain.extend([ps] if isinstance(ps, torch.Tensor) else list(ps))
         return chain, groups
     return groups, groups
+
+
+def _memory_span(t: torch.Tensor):
+    """``(device, first byte, end byte)`` of the memory ``t`` can read; ``None`` when it reads none."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage: nothing to compare
+        return None
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return (str(t.device), start, start + span * t.element_size())
+
+
+def _check_no_shared_memory(named: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise if two of the tensors are the same one or overlap in memory (views of one storage).
+
+    A layer used at two positions of the chain (tied weights) has a Hessian trace that is not
+    the per-position one flatkern computes (it depends on the targets), and a parameter stepped
+    through two views is stepped twice.  Overlap is judged on the address ranges, so two
+    interleaved views (``W[:, ::2]``, ``W[:, 1::2]``) are refused too.
+    """
+    spans = sorted(((*span, name) for name, t in named if (span := _memory_span(t)) is not None),
+                   key=lambda s: (s[0], s[1]))
+    reach = None  # (device, end, name) of the span reaching furthest so far
+    for device, start, end, name in spans:
+        if reach is not None and reach[0] == device and start < reach[1]:
+            raise ValueError(
+                f"{reach[2]} and {name} are the same tensor or share memory (views of one storage): a layer "
+                "used at two positions (tied weights) has a Hessian trace that depends on the targets, not "
+                "the per-position trace flatkern computes, and a parameter reached twice is stepped twice; "
+                "pass separate tensors"
+            )
+        if reach is None or reach[0] != device or end > reach[1]:
+            reach = (device, end, name)
+
+
+def _chain_and_group_params(chain: list[torch.Tensor], groups) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter once, named: the chain by position, then what the groups add (biases)."""
+    named = [(f"params[{j}] (layer W_{j + 1})", w) for j, w in enumerate(chain)]
+    in_chain = {id(w) for w in chain}
+    for i, g in enumerate(groups):
+        if isinstance(g, dict):
+            ps = g.get("params", [])
+            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+            named += [(f"param_groups[{i}]['params'][{k}]", p) for k, p in enumerate(ps)
+                      if isinstance(p, torch.Tensor) and id(p) not in in_chain]
+        elif isinstance(g, torch.Tensor) and id(g) not in in_chain:  # a DeepLinear's parameters(): a bias
+            named.append((f"parameters()[{i}]", g))
+    return named
 
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
@@ -179,13 +231,14 @@ class FlatnessRegularized(torch.optim.Optimizer):
         check_backend(backend)
         if not isinstance(measurements, Measurements):
             raise TypeError(
-                "measurements must be a flatkern measurement family (Isotropic, Entries, RankOne, Dense, "
-                f"Inputs), got {type(measurements).__name__}"
+                f"measurements must be a flatkern measurement family ({families.families_message()}), "
+                f"got {type(measurements).__name__}"
             )
         chain, groups = _split_params(params)
         self._weights = check_weights(chain, "params")
-        d_L, d_0 = self._weights[-1].shape[-2], self._weights[0].shape[-1]
-        measurements.check(d_L, d_0, self._weights[0])
+        _check_no_shared_memory(_chain_and_group_params(self._weights, groups))
+        # the measurements, widths, dtype and route, checked once: each step re-checks only what can change
+        self._problem = TraceProblem(self._weights, measurements, reduction=reduction, backend=backend)
         for i, g in enumerate(groups):
             if isinstance(g, dict) and "lam" in g:
                 g["lam"] = check_lam(g["lam"], f"param_groups[{i}]['lam']")
@@ -217,19 +270,44 @@ class FlatnessRegularized(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
 
     def add_param_group(self, param_group: dict) -> None:
-        """Add a group (optimized by the base optimizer, regularized only if its params are in the chain)."""
+        """Add a group (optimized by the base optimizer, regularized only if its params are in the chain).
+
+        A param that is (or shares memory with) a param already held, or another of the group's, is a
+        ``ValueError`` naming both, raised before anything changes.
+        """
         param_group.setdefault("lam", self.defaults["lam"])
         param_group["lam"] = check_lam(param_group["lam"], f"param_groups[{len(self.param_groups)}]['lam']")
-        if hasattr(self, "base_optimizer"):
+        if hasattr(self, "base_optimizer"):  # __init__ checked its groups all together
+            ps = param_group.get("params", [])
+            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+            param_group["params"] = ps  # a generator is read once
+            held = _chain_and_group_params(self._weights, self.param_groups)
+            new = [(f"the added group's params[{k}]", p) for k, p in enumerate(ps) if isinstance(p, torch.Tensor)]
+            _check_no_shared_memory(held + new)
             self.base_optimizer.add_param_group(param_group)
         else:  # during __init__, before the base optimizer exists
             super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load the base optimizer's state and the groups' hyperparameters (``lam`` included)."""
+        """Load the base optimizer's state and the groups' hyperparameters (``lam`` included).
+
+        A group of ``state_dict`` without ``lam`` (a plain optimizer's ``state_dict``, such as
+        ``torch.optim.SGD``'s) keeps the ``lam`` of the group it replaces, position by position;
+        a ``lam`` it has is checked (a ``ValueError`` naming it) before anything changes.
+        """
+        saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(saved, (list, tuple)):
+            for i, g in enumerate(saved):
+                if isinstance(g, dict) and "lam" in g:
+                    check_lam(g["lam"], f"state_dict['param_groups'][{i}]['lam']")
+        lams = [g.get("lam", self.defaults["lam"]) for g in self.param_groups]
         # Optimizer.load_state_dict replaces the groups list and the state: share the new ones
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base_state()
+        # the loaded groups replace the old ones whole (torch keeps only their params): without this
+        # a plain optimizer's state_dict would leave groups with no lam, and steps with no regularizer
+        for g, lam in zip(self.param_groups, lams):
+            g.setdefault("lam", lam)
 
     def _layer_lams(self) -> tuple[float | None, list[float]]:
         """``(lam, lams)``: each weight's ``lam``, and ``lam`` when they are all equal (else ``None``).
@@ -244,9 +322,12 @@ class FlatnessRegularized(torch.optim.Optimizer):
             self._indexed_groups, self._indexed_count = groups, len(groups)
         lams = []
         for i, g in enumerate(groups):
-            lam = g.get("lam", 0.0)
+            lam = g.get("lam")
             # passes exactly the finite floats >= 0 (NaN fails both comparisons); the rest is checked in full
             if type(lam) is not float or not 0.0 <= lam < _INF:
+                if "lam" not in g:  # e.g. added to the base optimizer directly: no silent lam = 0
+                    raise ValueError(f"param_groups[{i}] has no 'lam': set param_groups[{i}]['lam'] (0.0 for no "
+                                   "regularizer), or add groups through FlatnessRegularized.add_param_group")
                 lam = check_lam(lam, f"param_groups[{i}]['lam']")
             lams.append(lam)
         if self._one_group:  # the usual case
@@ -280,8 +361,14 @@ class FlatnessRegularized(torch.optim.Optimizer):
         The gradients are of the trace summed over a batch of problems, the
         ones ``step`` scales by ``lam`` and adds; neither output requires grad.
         """
-        trace, grads = hessian_trace_and_grad(self._weights, self.measurements, reduction=self.reduction,
-                                              backend=self.backend)
+        # checked once (measurements, widths, dtype, route); each step re-checks only the shapes,
+        # dtype and device of the weights, which is all that can change
+        problem = self.__dict__.get("_problem")
+        if problem is None or problem.measurements is not self.measurements or problem.reduction != self.reduction \
+                or problem.backend != self.backend:
+            problem = self._problem = TraceProblem(self._weights, self.measurements, reduction=self.reduction,
+                                                   backend=self.backend)
+        trace, grads = problem(self._weights)
         if self._use_all_reduce():
             trace, grads = self._all_reduce(trace, grads)
         return trace, grads
@@ -367,8 +454,10 @@ class FlatnessRegularized(torch.optim.Optimizer):
     _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
 
     def __repr__(self) -> str:
-        lams = sorted({g["lam"] for g in self.param_groups})
+        # never raises, whatever the groups hold (a group without lam, a lam of any type)
+        lams = list(dict.fromkeys(repr(g.get("lam", "missing")) for g in self.param_groups))
+        lam = lams[0] if len(lams) == 1 else "[" + ", ".join(lams) + "]"
         return (
-            f"FlatnessRegularized(lam={lams[0] if len(lams) == 1 else lams}, measurements={self.measurements!r}, "
+            f"FlatnessRegularized(lam={lam}, measurements={self.measurements!r}, "
             f"reduction={self.reduction!r}, base={self.base_optimizer!r})"
         )

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from .measurements import Isotropic, Measurements
+from .kernels import families
+
+# ``Measurements`` in the annotations is flatkern.measurements.Measurements; the formulas only call
+# its methods (contract, predict, ...), so this module imports nothing above it (kernels read it)
 
 __all__ = [
     "end_to_end_ref", "chain_products_ref", "layer_terms_ref", "layer_terms_and_end_to_end_ref", "layer_terms_and_grad_ref",
-    "hessian_trace_ref", "mse_loss_ref",
+    "hessian_trace_ref", "mse_loss_ref", "trace_scale",
 ]
 
 
@@ -113,8 +116,15 @@ def hessian_trace_ref(
 
     ``reduction="sum"`` multiplies by ``n``.
     """
-    scale = 2.0 * (measurements.num_measurements(reduction, weights[-1].shape[-2]) if reduction == "sum" else 1)
+    scale = trace_scale(measurements, reduction, weights[-1].shape[-2])
     return layer_terms_ref(weights, measurements, scale=scale, sum_layers=not per_layer)
+
+
+def trace_scale(measurements: Measurements, reduction: str, d_L: int) -> float:
+    """The factor of ``Σ_j c_j`` in the MSE trace: ``ℓ'' = 2`` for ``"mean"``, ``2 n`` for ``"sum"``.
+
+    The one place the scale is computed (the ops, ``hessian_trace_ref`` and the optimizer read it)."""
+    return 2.0 if reduction == "mean" else 2.0 * measurements.num_measurements(reduction, d_L)
 
 
 def mse_loss_ref(E: torch.Tensor, measurements: Measurements, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -124,8 +134,75 @@ def mse_loss_ref(E: torch.Tensor, measurements: Measurements, targets: torch.Ten
     """
     pred = measurements.predict(E)
     sq = (pred - targets).square()
-    if isinstance(measurements, Isotropic):
+    if measurements.family == families.ISOTROPIC:
         loss = sq.sum((-2, -1))
         return loss if reduction == "mean" else loss * measurements.num_measurements(reduction, E.shape[-2])
     dims = tuple(range(-len(measurements.target_shape(E.shape[-2], E.shape[-1])), 0))
     return sq.mean(dims) if reduction == "mean" else sq.sum(dims)
+
+
+# ------------------------------------------------------------------ networks piecewise linear in each weight
+# (docs/MATH.md, "Beyond linear"): Linear layers with ReLU / LeakyReLU activations between them
+
+
+def piecewise_layer_terms_ref(weights: list[torch.Tensor], biases: list, slopes: list, x: torch.Tensor,
+                              loss: str = "mse", reduction: str = "mean") -> torch.Tensor:
+    """Per-layer Hessian traces of a ReLU / LeakyReLU network, shape ``(L,)``, straight from the formula:
+
+        tr_l = (1/N or 1) Σ_i ‖S_iᵀ D_L W_L D_{L-1} ⋯ W_{l+1} D_l‖_F² (‖a_{l-1}(x_i)‖² + [b_l given])
+
+    with ``S_i`` a square root of the output Hessian, formed per sample as a ``(C, C)`` matrix:
+    ``√(2/C) I`` (MSE, ``"mean"``; ``√2 I`` with ``"sum"``), ``diag(√p) - p √pᵀ`` (cross-entropy).
+
+    Args:
+        weights: ``[W_1, ..., W_L]``, ``W_l`` of shape ``(d_l, d_{l-1})``.
+        biases: ``[b_1, ..., b_L]``, each ``(d_l,)`` or ``None``.
+        slopes: ``[s_1, ..., s_L]``, ``s_l`` a sequence of the activations after layer ``l``, each
+            given by its slope for ``z <= 0`` (``nn.ReLU``: 0); ``σ'(0)`` is that slope, as torch's backward has it.
+        x: ``(N, d_0)``, the first layer's input.
+        loss, reduction: ``"mse"`` / ``"cross_entropy"``, ``"mean"`` / ``"sum"``.
+    """
+    N = x.shape[0]
+    a, acts, masks = x, [], []
+    for W, b, ss in zip(weights, biases, slopes):
+        acts.append(a)
+        z = a @ W.T if b is None else a @ W.T + b
+        m = torch.ones_like(z).detach()
+        for s in ss:
+            pos = (z > 0).detach()
+            m = m * torch.where(pos, torch.ones_like(z), torch.full_like(z, s)).detach()
+            z = torch.where(pos, z, s * z)
+        masks.append(m)
+        a = z
+    C = a.shape[-1]
+    eye = torch.eye(C, dtype=x.dtype, device=x.device)
+    if loss == "mse":
+        St = (2.0 / C if reduction == "mean" else 2.0) ** 0.5 * eye.expand(N, C, C)
+    else:
+        logp = torch.log_softmax(a, dim=-1)
+        p = logp.exp()
+        # Sᵀ = diag(√p) (I - 1 pᵀ); √p = exp(log p / 2) keeps the derivative finite where p underflows to 0
+        St = (0.5 * logp).exp().unsqueeze(-1) * (eye - p.unsqueeze(-2))
+    G = St * masks[-1].unsqueeze(-2)  # G_L = Sᵀ D_L: (N, C, C)
+    terms = [None] * len(weights)
+    for l in range(len(weights) - 1, -1, -1):
+        if l < len(weights) - 1:
+            G = (G @ weights[l + 1]) * masks[l].unsqueeze(-2)  # G_l = G_{l+1} W_{l+1} D_l: (N, C, d_l)
+        h = acts[l].square().sum(-1) + (0.0 if biases[l] is None else 1.0)
+        terms[l] = (G.square().sum((-2, -1)) * h).sum()
+    terms = torch.stack(terms)
+    return terms / N if reduction == "mean" else terms
+
+
+def piecewise_layer_terms_and_grad_ref(weights, biases, slopes, x, loss: str = "mse", reduction: str = "mean"):
+    """``(piecewise_layer_terms_ref(...), grads)``, ``grads[l] = (∂T/∂W_l, ∂T/∂b_l or None)`` for ``T = Σ_l
+    terms_l``, by autograd on detached copies (the masks held fixed): neither output requires grad."""
+    with torch.inference_mode(False), torch.enable_grad():
+        Ws = [w.detach().clone().requires_grad_() for w in weights]
+        bs = [None if b is None else b.detach().clone().requires_grad_() for b in biases]
+        terms = piecewise_layer_terms_ref(Ws, bs, slopes, x.detach(), loss, reduction)
+        leaves = Ws + [b for b in bs if b is not None]
+        grads = iter(torch.autograd.grad(terms.sum(), leaves, allow_unused=True, materialize_grads=True))
+        gW = [next(grads).detach() for _ in Ws]
+        gb = [None if b is None else next(grads).detach() for b in bs]
+    return terms.detach(), list(zip(gW, gb))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_int
+from ._checks import check_widths as _check_widths  # the one rule for widths (flattest_solution imports it from here)
 
 __all__ = ["flatness_lower_bound", "flattest_factorization"]
 
@@ -23,17 +24,6 @@ def _check_matrix(M, name="M") -> None:
                         + (f" of dtype {M.dtype}" if isinstance(M, torch.Tensor) else ""))
     if M.dim() < 2:
         raise ValueError(f"{name} must have shape (..., d_L, d_0), got {tuple(M.shape)}")
-
-
-def _check_widths(widths) -> list[int]:
-    """``[d_0, ..., d_L]`` as Python ints: ints and numpy integers pass; bools, floats (``5.9``, and
-    ``5.0`` as in ``range``) and negative widths raise, naming the entry."""
-    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
-        raise TypeError(f"widths must be a sequence [d_0, d_1, ..., d_L] of ints, got {type(widths).__name__}")
-    widths = [check_int(w, f"widths[{j}]", minimum=0) for j, w in enumerate(widths)]
-    if len(widths) < 2:
-        raise ValueError(f"widths must list [d_0, ..., d_L] (at least two entries), got {widths}")
-    return widths
 
 
 def flatness_lower_bound(M: torch.Tensor, depth: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 
 import flatkern as fk
 from flatkern import ops
+from flatkern.benchmarks.gpu_check import terms_and_grads  # noqa: F401  (one copy: the GPU check runs it too)
+from flatkern.kernels import routing
 
 BACKENDS = ("torch", "cpp", "triton", "auto")
 
@@ -45,10 +47,8 @@ LAYOUTS = ("contiguous", "transposed", "expanded", "sliced")
 
 def backend_unavailable(backend: str, device: str = "cpu") -> str | None:
     """Why ``backend`` cannot run on ``device`` (``None`` if it can): "torch" and "auto" always can
-    ("auto" falls back to the reference); "cpp" and "triton" as ``flatkern.ops`` decides."""
-    if backend in ("torch", "auto"):
-        return None
-    return ops._unavailable(backend, torch.device(device))
+    ("auto" falls back to the reference); "cpp" and "triton" as their records in the routing table say."""
+    return routing.unavailable(backend, torch.device(device))
 
 
 def make_weights(dims, batch=(), dtype=torch.float64, seed=0, requires_grad=False, layout="contiguous"):
@@ -150,11 +150,3 @@ def autograd_hessian_trace(weights, measurements, targets, reduction="mean", per
     return blocks if per_layer else blocks.sum()
 
 
-def terms_and_grads(fn, W, meas, seed=0):
-    """``fn(W, meas)`` and the gradient of a random linear functional of it."""
-    terms = fn(W, meas)
-    g = torch.Generator().manual_seed(seed)
-    # bf16-representable, so that every dtype differentiates the same functional
-    weight = torch.randn(terms.shape, generator=g).to(torch.bfloat16).to(terms)
-    grads = torch.autograd.grad((terms * weight).sum(), W)
-    return terms.detach(), grads

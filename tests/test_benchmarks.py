@@ -7,14 +7,21 @@ standard error is known, below 1e-4 when it is estimated from 20 draws).
 The seeds are fixed, so each check is deterministic.
 """
 
+import ast
+import importlib
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import flatkern
 import flatkern.benchmarks as B
+from flatkern.benchmarks import cpu_kernels as bck
 from flatkern.benchmarks import floors, peers, timing
+from flatkern.benchmarks import training as bt
 
 TINY = {r.name: r for r in B.TEST_REGIMES}
 EXACT_TOL = dict(rtol=1e-10, atol=1e-10)  # float64 against the float64 reference
@@ -238,22 +245,10 @@ def test_bare_product_floors_do_the_products_they_count(floor):
     assert CountMM.count == floors.PRODUCTS[floor]
 
 
-# ------------------------------------------------------------------ the scripts in bench/ (their rows, not their speed)
-
-
-def _bench_script(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ------------------------------------------------------------------ cpu_kernels.py, training.py: their rows, not their speed
 
 
 def test_bench_cpu_kernels_rows_return_the_reference_gradients():
-    bck = _bench_script("bench_cpu_kernels")
     for title, ws, meas, compile_ref, bare in bck.cases():
         if bare or title.startswith("batched"):
             continue  # the same code as the small cases, only slower
@@ -263,7 +258,6 @@ def test_bench_cpu_kernels_rows_return_the_reference_gradients():
 
 
 def test_bench_training_steps_and_gradients_agree():
-    bt = _bench_script("bench_training")
     title, ws, meas, b, small = next(bt.cases())  # d=30, L=3, Entries n=300
     providers = {
         "unregularized, plain torch": bt.unregularized(meas, b, "torch"),
@@ -281,3 +275,80 @@ def test_bench_training_steps_and_gradients_agree():
         for fn in rows:
             for a, r in zip(fn(), ref):
                 torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+
+
+# ------------------------------------------------------------------ one home: the package; bench/ runs it
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/<script> -> the package module whose main() it runs, and the options it keeps
+SCRIPTS = {
+    "bench_cpu_kernels.py": ("cpu_kernels", ["--quick", "--rounds", "--threads", "--only"]),
+    "bench_training.py": ("training", ["--quick", "--rounds", "--threads", "--only"]),
+    "gpu_check.py": ("gpu_check", ["--device", "--tiny", "--budget", "--out"]),
+}
+
+
+# scripts that drive the checkout's test fixtures, so cannot live in the installed package
+CHECKOUT_ONLY = {"bench_ctrl_c.py"}  # runs tests/test_experiments.py's hold task under `flatkern reproduce`
+
+
+def _entry_module(path):
+    """The ``flatkern.benchmarks`` module whose ``main`` a thin script in bench/ runs (an AssertionError if it is more)."""
+    tree = ast.parse(path.read_text())
+    defined = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert not defined, f"bench/{path.name} defines {defined}: benchmark code belongs in flatkern/benchmarks/"
+    assert len(tree.body) <= 8, f"bench/{path.name} is more than an entry script"
+    mains = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+             and (n.module or "").startswith("flatkern.benchmarks.") and [a.name for a in n.names] == ["main"]]
+    assert len(mains) == 1, f"bench/{path.name} does not run one flatkern.benchmarks module's main"
+    return mains[0]
+
+
+def test_benchmark_code_lives_in_the_package_and_bench_holds_thin_entry_scripts():
+    for name, (module, _) in SCRIPTS.items():
+        assert _entry_module(ROOT / "bench" / name) == f"flatkern.benchmarks.{module}"
+    # and every other script in bench/ (but pytest's files) is as thin, running a module that exists
+    for path in (ROOT / "bench").glob("*.py"):
+        if path.name in {"conftest.py", *CHECKOUT_ONLY} | set(SCRIPTS) or path.name.startswith("test_"):
+            continue
+        assert hasattr(importlib.import_module(_entry_module(path)), "main"), path.name
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_bench_script_runs_the_package_module_with_the_same_options(name, monkeypatch, capsys):
+    module, options = SCRIPTS[name]
+    monkeypatch.setattr(sys, "path", list(sys.path))  # gpu_check.py puts the checkout first
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "bench" / name), "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "bench" / name), run_name="__main__")
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"usage: {name}"), printed[:200]
+    for option in options:
+        assert option in printed, (option, printed)
+    # the help is the package module's own: its docstring is the description
+    doc = importlib.import_module(f"flatkern.benchmarks.{module}").__doc__
+    assert " ".join(doc.split("\n")[0].split()) in " ".join(printed.split())  # (argparse rewraps it)
+
+
+def test_gpu_check_parses_nothing_at_import_and_says_why_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest", "--an-option-of-pytest"])  # import must not read these
+    gpu_check = importlib.import_module("flatkern.benchmarks.gpu_check")
+    with pytest.raises(SystemExit, match="only with --tiny"):
+        gpu_check.main(["--device", "cpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device here"):
+            gpu_check.main([])
+
+
+def test_skipped_peers_suggest_the_readme_install_command(monkeypatch):
+    # the README's command installs the peers with --no-deps (their dependencies replace a CPU torch);
+    # a skip that suggested a bare `pip install backpack-for-pytorch` would undo that
+    readme = (ROOT / "README.md").read_text()
+    assert B.PEER_INSTALL.startswith("pip install --no-deps ") and B.PEER_INSTALL in readme
+    monkeypatch.setitem(sys.modules, "backpack", None)  # `import backpack` now raises ImportError
+    monkeypatch.setitem(sys.modules, "curvlinops", None)
+    for name, family in (("BackPACK", "tiny-regression"), ("curvlinops", "tiny")):
+        reason = _provider(name).skip(_problem(family))
+        assert reason and "not installed" in reason and B.PEER_INSTALL in reason, reason

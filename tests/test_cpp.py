@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 from helpers import DIMS, FAMILIES, autograd_hessian_trace, make_measurements, make_weights
 
 import flatkern as fk
-from flatkern.kernels import families, op  # noqa: F401  (op defines the schemas and loads _C)
+from flatkern.kernels import families, schemas  # noqa: F401  (schemas defines the ops and loads _C)
 from flatkern.reference import end_to_end_ref, layer_terms_ref
 
 # "dense_kernel": enough measurements (n > d_0 d_L) that Dense reads its kernel K
@@ -115,15 +115,17 @@ def test_dense_reads_the_kernel_exactly_when_n_exceeds_d0_dL():
         torch.testing.assert_close(cpp_terms(W, meas), layer_terms_ref(W, meas), rtol=1e-12, atol=1e-12)
 
 
-def test_dense_kernel_operand_is_the_one_cached_copy_of_K():
+def test_dense_kernel_operand_is_K_and_kernel_returns_a_copy_the_caller_cannot_corrupt():
     meas = measurements_for("dense", 3, 4, n=13)
     # K[a, b, c, d] = (1/n) Σ_i A_i[a, b] A_i[c, d], written as a sum of outer products
     expected = sum(torch.outer(Ai.flatten(), Ai.flatten()) for Ai in meas.A).reshape(3, 4, 3, 4) / 13
     K = meas.kernel()
     torch.testing.assert_close(K, expected, rtol=1e-12, atol=1e-12)
-    Kp = meas.operands[1]
-    assert Kp.is_contiguous() and Kp.data_ptr() == K.data_ptr()  # no second copy of K in memory
-    assert meas.kernel().data_ptr() == K.data_ptr()  # cached
+    Kp = meas.operands[1]  # the one cached copy the kernel reads, in its (a, c, b, d) layout
+    assert Kp.is_contiguous()
+    torch.testing.assert_close(Kp.permute(0, 2, 1, 3), expected, rtol=1e-12, atol=1e-12)
+    K.mul_(2)  # issue 18 item 4: the caller's copy, not the cache
+    torch.testing.assert_close(meas.operands[1].permute(0, 2, 1, 3), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -340,7 +342,7 @@ def test_saved_tensor_has_the_size_hessian_trace_saved_size_reports(kind):
         (([3, 0], families.ISOTROPIC, []), "widths must lie in"),
         (([3, 4], 7, []), "unknown measurement family 7"),
         (([3, 4], families.RANK_ONE, [[5, 4]]), "RankOne takes 2 operands"),
-        (([3, 4], families.ENTRIES, [[5, 1], [5], [4, 3]]), "Entries operand rows must have 1 dimensions"),
+        (([3, 4], families.ENTRIES, [[5, 1], [5]]), "Entries operand rows must have 1 dimensions"),
     ],
 )
 def test_saved_size_rejects_what_the_kernel_rejects(args, match):
@@ -357,7 +359,7 @@ def test_saved_size_rejects_what_the_kernel_rejects(args, match):
         ("entries_row_out_of_range", "Entries operand rows\\[1\\] = 2 is out of range"),
         ("entries_col_negative", "Entries operand cols\\[0\\] = -1 is out of range"),
         ("entries_int32_indices", "Entries operand rows must have dtype Long"),
-        ("entries_missing_operand", "Entries takes 3 operands \\(rows, cols, density\\), got 2"),
+        ("entries_missing_operand", "Entries takes 2 operands \\(rows, cols\\), got 1"),
         ("noncontiguous_weight", "weights\\[1\\] must be contiguous"),
         ("noncontiguous_operand", "RankOne operand u must be contiguous"),
         ("operand_wrong_dtype", "Inputs operand x must have dtype Double"),
@@ -375,16 +377,16 @@ def test_saved_size_rejects_what_the_kernel_rejects(args, match):
 def test_direct_calls_with_bad_input_raise_instead_of_crashing(op_name, case, match):
     W = make_weights([3, 4, 2])  # d_0 = 3, d_L = 2
     f64 = dict(dtype=torch.float64)
-    rows, cols, density = torch.tensor([0, 1]), torch.tensor([0, 2]), torch.zeros(2, 3, **f64)
+    rows, cols = torch.tensor([0, 1]), torch.tensor([0, 2])
     family, operands = families.ISOTROPIC, []
     if case == "entries_row_out_of_range":
-        family, operands = families.ENTRIES, [torch.tensor([0, 2]), cols, density]
+        family, operands = families.ENTRIES, [torch.tensor([0, 2]), cols]
     elif case == "entries_col_negative":
-        family, operands = families.ENTRIES, [rows, torch.tensor([-1, 0]), density]
+        family, operands = families.ENTRIES, [rows, torch.tensor([-1, 0])]
     elif case == "entries_int32_indices":
-        family, operands = families.ENTRIES, [rows.int(), cols.int(), density]
+        family, operands = families.ENTRIES, [rows.int(), cols.int()]
     elif case == "entries_missing_operand":
-        family, operands = families.ENTRIES, [rows, cols]
+        family, operands = families.ENTRIES, [rows]
     elif case == "noncontiguous_weight":
         W[1] = torch.randn(4, 2, **f64).t()
     elif case == "noncontiguous_operand":
@@ -415,7 +417,7 @@ def test_direct_calls_with_bad_input_raise_instead_of_crashing(op_name, case, ma
                                   "saved_wrong_dtype", "saved_two_tensors"])
 def test_direct_backward_calls_with_bad_input_raise_instead_of_crashing(case):
     W = make_weights([3, 4, 2])
-    operands = [torch.tensor([0, 1]), torch.tensor([0, 2]), torch.zeros(2, 3, dtype=torch.float64)]
+    operands = [torch.tensor([0, 1]), torch.tensor([0, 2])]
     _, _, saved = ops.hessian_trace(W, families.ENTRIES, operands)
     grad_terms, grad_E = torch.ones(2, dtype=torch.float64), None
     match = "must have (shape|dtype)"

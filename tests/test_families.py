@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flatkern as fk
-from flatkern.kernels import families, op
+from flatkern.kernels import families, schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 CODES = {name: getattr(families, name) for name in ("ISOTROPIC", "ENTRIES", "RANK_ONE", "DENSE", "DENSE_KERNEL", "INPUTS")}
@@ -56,7 +56,7 @@ def test_each_code_means_its_family_in_the_op(code):
     m = _measurements(dt)[code]
     assert m.family == code
     W = [torch.randn(6, 4, dtype=dt), torch.randn(5, 6, dtype=dt), torch.randn(3, 5, dtype=dt)]
-    terms, _, _ = op.hessian_trace(W, code, list(m.operands), False, 1.0, False)
+    terms, _, _ = schemas.hessian_trace(W, code, list(m.operands), False, 1.0, False)
     expected = fk.reference.layer_terms_ref(W, m)
     torch.testing.assert_close(terms, expected, atol=1e-12, rtol=1e-12)
 
@@ -64,4 +64,4 @@ def test_each_code_means_its_family_in_the_op(code):
 def test_unknown_code_is_an_error_not_a_crash():
     W = [torch.randn(3, 3, dtype=torch.float64)]
     with pytest.raises((RuntimeError, ValueError), match="famil"):
-        op.hessian_trace(W, 17, [], False, 1.0, False)
+        schemas.hessian_trace(W, 17, [], False, 1.0, False)

@@ -180,10 +180,98 @@ def test_non_convergence_warns_with_the_residuals():
 
 
 def test_too_narrow_hidden_widths_are_named_in_the_warning():
-    # a rank-3 target seen by 30 generic measurements cannot be fit through a width-1 layer
-    M, m, b = _problem("sensing", (5, 6), 3, 30, 0)
+    # a rank-3 target seen by 22 generic measurements: E is not determined (22 < 30), but no rank-1
+    # matrix (a 10-dimensional set) meets 22 generic constraints, so no width-1 network fits
+    M, m, b = _problem("sensing", (5, 6), 3, 22, 0)
     with pytest.warns(ConvergenceWarning, match=r"hidden widths \[1\] are below min\(d_0, d_L\) = 5"):
         flattest_solution(m, b, [6, 1, 5], max_outer=12)
+
+
+# ------------------------------------------------------------------ issue 18 item 9: exact or a clear error
+
+@pytest.mark.parametrize("family", ["dense", "entries", "rank_one"])
+def test_contradictory_measurements_raise_that_no_e_fits(family):
+    # the same measurement twice: targets [1, 1] are solved, targets [1, -1] fit no E
+    g = torch.Generator().manual_seed(0)
+    if family == "dense":
+        m = fk.Dense(torch.randn(1, 2, 3, generator=g, dtype=F64).repeat(2, 1, 1))
+    elif family == "entries":
+        m = fk.Entries(torch.tensor([1, 1]), torch.tensor([2, 2]), (2, 3))
+    else:
+        m = fk.RankOne(torch.randn(1, 2, generator=g, dtype=F64).repeat(2, 1), torch.randn(1, 3, generator=g, dtype=F64).repeat(2, 1))
+    b = torch.tensor([1.0, 1.0], dtype=F64)
+    W, report = flattest_solution(m, b, [3, 2, 2], return_report=True)
+    assert report.converged and float((m.predict(fk.end_to_end(W)) - b).norm() / b.norm()) <= 1e-9
+    with pytest.raises(ValueError, match=r"no E fits the targets: .*‖A\(E\) - b‖/‖b‖ = 1\b.*linearly dependent"):
+        flattest_solution(m, torch.tensor([1.0, -1.0], dtype=F64), [3, 2, 2])
+
+
+def test_inputs_whose_targets_no_linear_map_fits_raise():
+    x = torch.tensor([[1.0, 2.0], [2.0, 4.0], [0.0, 1.0]], dtype=F64)  # rows 0 and 1 are parallel
+    y = torch.tensor([[1.0], [3.0], [0.0]], dtype=F64)                  # but y_1 != 2 y_0
+    with pytest.raises(ValueError, match="no E fits the targets"):
+        flattest_solution(fk.Inputs(x), y, [2, 2, 1])
+
+
+def test_measurements_that_determine_e_refuse_hidden_widths_below_its_rank():
+    # 30 generic measurements of a 5 x 6 matrix determine it: rank 3 cannot pass through width 2
+    M, m, b = _problem("sensing", (5, 6), 3, 30, 0)
+    with pytest.raises(ValueError, match=r"hidden widths \[2\] must be at least the rank of E, .* has rank 3"):
+        flattest_solution(m, b, [6, 2, 5])
+    g = torch.Generator().manual_seed(1)
+    M = _low_rank((3, 3), 2, g)
+    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
+    every = fk.Entries(rows.flatten(), cols.flatten(), (3, 3))  # every entry seen
+    with pytest.raises(ValueError, match=r"hidden widths \[4, 1\] .* has rank 2"):
+        flattest_solution(every, every.predict(M), [3, 4, 1, 3])
+
+
+def test_an_infeasible_width_stops_early_flagged_and_never_worse_than_zero():
+    # the observed 2 x 2 block [[1, 1], [1, -1]] has rank 2: no rank-1 completion fits it.  The old
+    # solver ran its 100 outer iterations and returned an E that fit worse than E = 0 (feasibility > 1)
+    m = fk.Entries(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1]), (3, 3))
+    with pytest.warns(ConvergenceWarning, match=r"stalled after \d+ outer iterations .*hidden widths \[1\]"):
+        W, report = flattest_solution(m, torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=F64), [3, 1, 3], return_report=True)
+    from flatkern.flattest_solution import _PATIENCE
+    assert not report.converged and report.stalled
+    assert report.outer_iterations <= 2 * _PATIENCE
+    E = fk.end_to_end(W)
+    feasibility = float((m.predict(E) - torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=F64)).norm() / 2)
+    assert feasibility == pytest.approx(report.feasibility, rel=1e-9)
+    # the best rank-1 fit of the block leaves 1/√2 of ‖b‖: below E = 0's 1, and nothing does better
+    assert 2 ** -0.5 * (1 - 1e-6) <= feasibility < 0.75
+
+
+@pytest.mark.parametrize("trace_of", [None, "measurements"])
+def test_depth_1_is_refused_every_interpolator_has_the_same_trace(trace_of):
+    M, m, b = _problem("sensing", (5, 6), 1, 14, 0)
+    with pytest.raises(ValueError, match=r"needs depth L >= 2 .*got widths \[6, 5\].*equally flat"):
+        flattest_solution(m, b, [6, 5], trace_of=m if trace_of else None)
+
+
+def test_float32_defaults_to_tolerances_it_can_reach_and_converges():
+    M, m, b = _problem("sensing", (5, 6), 1, 22, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all: the defaults are float32's own
+        W, report = flattest_solution(m, b, _widths((5, 6), 2), dtype=torch.float32, max_outer=30, return_report=True)
+    eps = torch.finfo(torch.float32).eps
+    assert report.converged and report.tol == pytest.approx(100 * eps) and report.stationarity_tol == pytest.approx(100 * eps)
+    assert all(w.dtype == torch.float32 for w in W)
+    E = fk.end_to_end([w.double() for w in W])
+    assert float((m.predict(E) - b).norm() / b.norm()) <= 1e-4
+    X = _convex_optimum(m, b, (5, 6))
+    assert _nuclear_norm(E) == pytest.approx(_nuclear_norm(X), rel=1e-3)
+
+
+def test_float32_with_a_tolerance_it_cannot_reach_warns_and_uses_its_floor():
+    M, m, b = _problem("sensing", (5, 6), 1, 22, 0)
+    with pytest.warns(UserWarning, match=r"tol=1e-10 is below what torch.float32 can resolve .*using tol=1.2e-05"):
+        W, report = flattest_solution(m, b, _widths((5, 6), 2), dtype=torch.float32, tol=1e-10, max_outer=30,
+                                      return_report=True)
+    assert report.converged and report.tol == pytest.approx(100 * torch.finfo(torch.float32).eps)
+    assert report.feasibility <= report.tol
+    with pytest.raises(TypeError, match=r"dtype must be torch.float64 or torch.float32, got torch.float16"):
+        flattest_solution(m, b, _widths((5, 6), 2), dtype=torch.float16)
 
 
 def test_bad_arguments_raise_naming_them():
@@ -201,9 +289,9 @@ def test_bad_arguments_raise_naming_them():
         flattest_solution(m, b, [7, 6, 5])
     with pytest.raises(TypeError, match=r"widths\[1\]"):
         flattest_solution(m, b, [6, 5.5, 5])
-    with pytest.raises(ValueError, match=r"must all be >= 1"):
+    with pytest.raises(ValueError, match=r"widths\[1\] must be >= 1, got 0"):
         flattest_solution(m, b, [6, 0, 5])
-    with pytest.raises(ValueError, match="at least two entries"):
+    with pytest.raises(ValueError, match="at least two"):
         flattest_solution(m, b, [6])
     with pytest.raises(TypeError, match="measurements must be a flatkern measurement family"):
         flattest_solution(m.A, b, widths)

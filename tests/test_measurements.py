@@ -172,3 +172,46 @@ def test_entries_shape_must_be_integers_not_truncated(shape, name):
 def test_numpy_arrays_are_refused_naming_the_type(build):
     with pytest.raises(TypeError, match=r"must be a torch\.Tensor, got numpy\.ndarray"):
         build(np.ones((4, 2, 3)))
+
+
+@pytest.mark.parametrize("edit", ["mul_", "zero_", "numpy"])
+@pytest.mark.parametrize("family", ["dense", "dense_kernel"])
+def test_editing_what_dense_kernel_returns_changes_no_answer(backend, family, edit):
+    # kernel() hands out a copy: the cached K is what the kernels read (issue 18 item 4)
+    src = _sources(family)
+    meas, pristine = fk.Dense(src["A"]), fk.Dense(src["A"].clone())
+    W = make_weights([D_0, 4, D_L], batch=(2,), seed=4)
+    want = _answers(W, pristine, backend)
+    _answers(W, meas, backend)  # builds the caches first
+    K = meas.kernel()
+    expected = K.clone()
+    if edit == "numpy":
+        K.numpy()[...] = 0.0
+    else:
+        getattr(K, edit)(*([2.0] if edit == "mul_" else []))
+    assert not torch.equal(K, expected)  # the edit happened
+    got = _answers(W, meas, backend)
+    for key in want:
+        _assert_same(got[key], want[key])
+    torch.testing.assert_close(meas.kernel(), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n, exc, match", [
+    (-1, ValueError, r"Entries.uniform n \(the number of entries\) must be >= 1, got -1"),
+    (0, ValueError, r"Entries.uniform n .* must be >= 1, got 0"),
+    (2.5, TypeError, r"Entries.uniform n .* must be an integer, got 2.5"),
+    (6.0, TypeError, r"Entries.uniform n .* must be an integer, got 6.0"),
+    (True, TypeError, r"Entries.uniform n .* must be an integer, got the bool True"),
+])
+def test_entries_uniform_n_must_be_a_positive_integer(n, exc, match):
+    with pytest.raises(exc, match=match):
+        fk.Entries.uniform(n, (D_L, D_0))
+
+
+def test_entries_uniform_checks_shape_and_the_number_of_distinct_entries():
+    with pytest.raises(TypeError, match=r"Entries.uniform shape\[1\] \(d_0\) must be an integer, got 3.5"):
+        fk.Entries.uniform(2, (D_L, 3.5))
+    with pytest.raises(ValueError, match=r"cannot draw n=7 distinct entries from a \(2, 3\) matrix \(6 entries\); .*replace=True"):
+        fk.Entries.uniform(7, (D_L, D_0))
+    assert fk.Entries.uniform(7, (D_L, D_0), replace=True).n == 7
+    assert fk.Entries.uniform(np.int64(6), (np.int64(D_L), D_0)).n == 6  # every entry once

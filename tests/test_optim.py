@@ -343,14 +343,14 @@ def test_batched_weights_step_equals_hand_written_step_per_problem():
 
 
 def test_step_makes_one_hessian_trace_and_grad_call_and_no_autograd_graph(monkeypatch):
-    import flatkern.optim as optim_module
+    from flatkern.ops import TraceProblem
 
     weights, meas, b = _problem(seed=14)
     ws = _leaves(weights)
     opt = FlatnessRegularized(ws, torch.optim.SGD, lam=0.2, measurements=meas, lr=0.05)
     calls = []
-    real = optim_module.hessian_trace_and_grad
-    monkeypatch.setattr(optim_module, "hessian_trace_and_grad", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = TraceProblem.__call__
+    monkeypatch.setattr(TraceProblem, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     flatkern.mse_loss(ws, meas, b).backward()
     opt.step()
     assert len(calls) == 1
@@ -449,6 +449,81 @@ def test_bad_arguments_raise_clear_errors():
         FlatnessRegularized(_leaves(weights[:2]), lam=0.1, measurements=meas, lr=0.1)
     with pytest.raises(TypeError, match="measurement family"):
         FlatnessRegularized(_leaves(weights), lam=0.1, measurements=torch.zeros(3), lr=0.1)
+
+
+def _square_chain(depth=3, d=4, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(d, d, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(depth)]
+
+
+@pytest.mark.parametrize("tie", ["same", "view", "transpose"])
+def test_a_weight_at_two_positions_raises_naming_both(tie):
+    # a tied layer's Hessian trace is not the per-position one flatkern computes (issue 18 item 2)
+    W1, W2, _ = _square_chain()
+    # a detached view is a leaf that shares W_2's storage: torch would step that memory twice
+    other = {"same": W2, "view": W2.detach().view(4, 4), "transpose": W2.detach().t()}[tie].requires_grad_()
+    with pytest.raises(ValueError, match=r"params\[1\] \(layer W_2\) and params\[2\] \(layer W_3\)"):
+        FlatnessRegularized([W1, W2, other], lam=0.1, measurements=flatkern.Isotropic(), lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[1\] \(layer W_2\) and params\[2\] \(layer W_3\)"):
+        FlatnessRegularized([{"params": [W1, W2]}, {"params": [other], "lam": 0.0}], lam=0.1,
+                            measurements=flatkern.Isotropic(), lr=0.1)
+
+
+def test_add_param_group_refuses_a_param_that_is_already_held():
+    W1, W2, W3 = _square_chain()
+    opt = FlatnessRegularized([W1, W2, W3], lam=0.1, measurements=flatkern.Isotropic(), lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[1\] \(layer W_2\) and the added group's params\[0\]"):
+        opt.add_param_group({"params": [W2.detach().view(-1).requires_grad_()]})
+    bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"the added group's params\[0\] and the added group's params\[1\]"):
+        opt.add_param_group({"params": [bias, bias]})
+    assert len(opt.param_groups) == 1  # nothing was added
+    opt.add_param_group({"params": [bias]})  # a separate tensor is fine
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lam"] == 0.1
+
+
+@pytest.mark.parametrize("base_cls, kwargs", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9)), (torch.optim.Adam, dict(lr=0.01))])
+def test_loading_a_plain_optimizers_state_dict_keeps_lam(base_cls, kwargs):
+    # a plain optimizer's groups have no lam: loading them must not switch the regularizer off
+    weights, meas, b = _problem(seed=4)
+    ws, ref = _leaves(weights), _leaves(weights)
+    plain = base_cls(_leaves(weights), **kwargs)
+    opt = FlatnessRegularized(ws, base_cls, lam=0.3, measurements=meas, **kwargs)
+    opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups[0]["lam"] == 0.3
+    assert "lam=0.3" in repr(opt)
+    base = base_cls(ref, **kwargs)
+    for _ in range(3):
+        opt.zero_grad()
+        flatkern.mse_loss(ws, meas, b).backward()
+        opt.step()
+        _hand_step(ref, base, meas, b, 0.3)
+        assert opt.last_trace is not None
+    for w, r in zip(ws, ref):
+        torch.testing.assert_close(w, r, **F64)
+
+
+def test_a_state_dict_with_a_bad_lam_is_refused_before_any_change():
+    weights, meas, _ = _problem()
+    opt = FlatnessRegularized(_leaves(weights), torch.optim.SGD, lam=0.3, measurements=meas, lr=0.1)
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0]["lam"], bad["param_groups"][0]["lr"] = -1.0, 7.0
+    with pytest.raises(ValueError, match=r"state_dict\['param_groups'\]\[0\]\['lam'\] must be a finite number >= 0"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["lam"] == 0.3 and opt.param_groups[0]["lr"] == 0.1
+
+
+def test_a_group_without_lam_is_named_by_step_and_shown_by_repr():
+    weights, meas, _ = _problem()
+    ws = _leaves(weights)
+    opt = FlatnessRegularized(ws, torch.optim.SGD, lam=0.3, measurements=meas, lr=0.1)
+    del opt.param_groups[0]["lam"]
+    assert "lam='missing'" in repr(opt)  # repr never raises
+    for w in ws:
+        w.grad = torch.zeros_like(w)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has no 'lam'"):
+        opt.step()
+    assert all(float(w.grad.abs().max()) == 0 for w in ws)  # raised before any change
 
 
 # ------------------------------------------------------------------ DDP, two gloo processes

@@ -14,6 +14,7 @@ from helpers import ALL_FAMILIES, assert_close_to_reference, make_measurements, 
 
 import flatkern as fk
 from flatkern import ops
+from flatkern.kernels import routing
 
 # inputs no compiled kernel takes on CPU: (dims, batch, dtype, what the refusal must name)
 AWKWARD = {
@@ -81,7 +82,7 @@ CPP_OPS = {
 @pytest.mark.parametrize("case", [c for c in AWKWARD if c != "empty_batch"])
 def test_cpp_backend_refuses_what_its_kernel_does_not_take_and_says_why(case, op):
     W, meas, targets = _problem(case, "rankone")
-    missing = ops._unavailable("cpp", torch.device("cpu"))
+    missing = routing.unavailable("cpp", "cpu")
     why = r"C\+\+ extension" if missing is not None else AWKWARD[case][3]
     with pytest.raises(RuntimeError, match=rf'backend="cpp" cannot run here: .*({why}).*backend="torch" can'):
         CPP_OPS[op](W, meas, targets)
@@ -91,7 +92,7 @@ def test_cpp_backend_refuses_what_its_kernel_does_not_take_and_says_why(case, op
 def test_cpp_backend_answers_an_empty_batch_like_plain_torch(family):
     # the C++ kernel takes an empty batch (nothing to refuse): it must answer what plain torch answers
     W, meas, targets = _problem("empty_batch", family)
-    missing = ops._unavailable("cpp", torch.device("cpu"))
+    missing = routing.unavailable("cpp", "cpu")
     if missing is not None:
         with pytest.raises(RuntimeError, match=r'backend="cpp" cannot run here: .*C\+\+ extension'):
             fk.hessian_trace(W, meas, backend="cpp")

@@ -44,7 +44,7 @@ def test_random_factorizations_never_go_below_the_bound(depth):
 def test_balanced_factorization_is_not_the_flattest_at_depth_3():
     # docs/MATH.md: for L >= 3 the balanced factorization (each layer Σ^{1/L}) is not flattest
     M = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))
-    balanced = [M.pow(1 / 3)] * 3
+    balanced = [M.pow(1 / 3).clone() for _ in range(3)]  # three layers with equal values, not one tied weight
     assert fk.hessian_trace(balanced, fk.Isotropic()) > fk.flatness_lower_bound(M, 3) * 1.01
 
 

@@ -26,7 +26,8 @@ from helpers import DIMS, FAMILIES, autograd_hessian_trace, make_measurements, m
 
 import flatkern as fk  # noqa: E402
 from flatkern.kernels import families  # noqa: E402
-from flatkern.kernels import triton as tt  # noqa: E402
+from flatkern.kernels import routing  # noqa: E402
+from flatkern.kernels.triton import hessian_trace as tt  # noqa: E402  (the launchers)
 from flatkern.kernels.triton import hessian_trace as ht  # noqa: E402
 from flatkern.kernels.triton import large, small  # noqa: E402
 from flatkern.reference import end_to_end_ref, layer_terms_and_end_to_end_ref, layer_terms_ref  # noqa: E402
@@ -49,7 +50,7 @@ DEEP_DIMS = [3, 4, 2, 5, 3, 4, 2, 3, 5, 2, 4, 3, 2, 4, 3, 2]
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4)}
 # RankOne with more measurements than one 16-row block of the kernel's loop
 N_MEAS = {"rankone": 37}
-DOUBLE_BACKWARD = r'backend="triton" does not support double backward.*backend="torch"'
+DOUBLE_BACKWARD = r'"triton" backend computes first derivatives of the trace only.*backend="torch"'
 
 
 def _problem(family, dims, batch=(), dtype=torch.float64, seed=0, n=None):
@@ -106,8 +107,12 @@ def test_auto_takes_the_small_path_up_to_its_width_at_any_depth():
     assert tt.SMALL_MAX_WIDTH == 128
     assert plan([128, 5, 128]) == "small" and plan([3] * 14) == "small" and plan([3] * 60) == "small"
     assert plan([129, 5, 3]) == "large"
-    # what no kernel should see goes to plain torch: an empty batch, a zero width
-    assert plan([3, 4], batch=(0,)) == "torch" and plan([3, 0, 4]) == "torch"
+    # what the kernels do not take is decided by the routing table, once: a zero width goes to
+    # the reference under "auto" and is refused by name under "triton"
+    zero = [torch.zeros(0, 3, device=DEVICE), torch.zeros(4, 0, device=DEVICE)]
+    assert routing.resolve("auto", zero, families.ISOTROPIC) == "ref"
+    with pytest.raises(RuntimeError, match=r'backend="triton" cannot run here: .*width of 0'):
+        routing.resolve("triton", zero, families.ISOTROPIC)
 
 
 @pytest.mark.parametrize("dims", LARGE_DIMS, ids=lambda d: f"L{len(d) - 1}")
@@ -211,7 +216,7 @@ def test_hessian_trace_and_grad_eager_matches_reference_without_a_graph(path, su
     ref = layer_terms_ref(W, meas, scale=2.0, sum_layers=sum_layers)
     ref_grads = torch.autograd.grad(ref.sum(), W)
     with torch.inference_mode():
-        terms, grads = tt.hessian_trace_and_grad_eager(W, meas.family, list(meas.operands), 2.0, sum_layers)
+        terms, grads = tt.hessian_trace_and_grad_interpret(W, meas.family, list(meas.operands), 2.0, sum_layers)
     assert not terms.requires_grad and not any(g.requires_grad for g in grads)
     torch.testing.assert_close(terms, ref.detach())
     for a, b in zip(grads, ref_grads):
@@ -243,26 +248,33 @@ def test_batched_trace_matches_reference_per_problem(family):
 
 @pytest.mark.parametrize("family,dtype", [("inputs", torch.float64), ("entries", torch.float32)])
 def test_operands_changed_in_place_are_read_again(family, dtype):
-    # what the kernels derive from an operand (M = xᵀx / (N d_L), a density cast to fp32) is kept
-    # between calls; an operand changed in place must not leave a stale copy behind
+    # what the kernels derive from an operand (M = xᵀx / (N d_L); Entries' density, from rows and
+    # cols) is kept between calls; an operand changed in place must not leave a stale copy behind
     W, meas, _ = _problem(family, [3, 5, 4], dtype=dtype)
     operands = [o.clone() for o in meas.operands]
     first = tt.layer_terms(W, meas.family, operands)[0]
     torch.testing.assert_close(tt.layer_terms(W, meas.family, operands)[0], first)
-    operands[-1].mul_(3.0)  # x, or the density: the terms grow 9-fold, or 3-fold
-    factor = 9.0 if family == "inputs" else 3.0
-    torch.testing.assert_close(tt.layer_terms(W, meas.family, operands)[0], factor * first, atol=1e-5, rtol=1e-5)
+    if family == "inputs":
+        operands[-1].mul_(3.0)
+    else:  # every entry moved to the first column: the last of the two index tensors changed
+        operands[-1].zero_()
+    decoded = families.get(meas.family).decode(operands)
+    expected = layer_terms_ref([w.detach() for w in W], decoded)
+    torch.testing.assert_close(tt.layer_terms(W, meas.family, operands)[0], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, first)
 
 
+@pytest.mark.parametrize("family", ["rankone", "dense", "entries"])
 @pytest.mark.parametrize("path", ["auto", "small", "large"])
-def test_empty_batch_answers_like_plain_torch(path):
-    W, meas, _ = _problem("rankone", [3, 5, 4], batch=(0, 2))
+def test_empty_batch_answers_like_plain_torch(path, family):
+    # issue 18 item 10: Dense with an empty batch failed to reshape
+    W, meas, _ = _problem(family, [3, 5, 4], batch=(0, 2))
     terms, E = tt.layer_terms(W, meas.family, list(meas.operands), with_end_to_end=True, path=path)
     ref_terms, ref_E = layer_terms_and_end_to_end_ref(W, meas)
     assert terms.shape == ref_terms.shape == (0, 2, 2) and E.shape == ref_E.shape == (0, 2, 4, 3)
     grads = torch.autograd.grad(terms.sum() + E.sum(), W)
     assert [g.shape for g in grads] == [w.shape for w in W]
-    value, grads = tt.hessian_trace_and_grad_eager(W, meas.family, list(meas.operands), 2.0, True)
+    value, grads = tt.hessian_trace_and_grad_interpret(W, meas.family, list(meas.operands), 2.0, True)
     assert value.shape == (0, 2) and [g.shape for g in grads] == [w.shape for w in W]
     assert fk.hessian_trace(W, meas, backend="triton").shape == (0, 2)
 
@@ -307,17 +319,17 @@ def test_double_backward_through_the_public_api_raises_and_torch_answers():
     assert all(h is not None for h in torch.autograd.grad(g.sum(), W))
 
 
-@pytest.mark.parametrize("plan", ["small", "large", "torch"])
+@pytest.mark.parametrize("plan", ["small", "large"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_specs_describe_what_the_forward_saves(family, plan, monkeypatch):
     if plan == "large":
         monkeypatch.setattr(ht, "SMALL_MAX_WIDTH", 4)
-    W, meas, _ = _problem(family, [3, 5, 2, 4] if plan != "torch" else [3, 0, 4], batch=(2, 1))
+    W, meas, _ = _problem(family, [3, 5, 2, 4], batch=(2, 1))
     assert ht._plan(W) == plan
-    _, _, saved = tt.hessian_trace_cuda(W, meas.family, list(meas.operands))
+    _, _, saved = tt.hessian_trace_triton(W, meas.family, list(meas.operands))
     specs = tt.saved_specs(W, meas.family, list(meas.operands))
     assert [(tuple(s.shape), s.dtype) for s in saved] == [(tuple(shape), dtype) for shape, dtype in specs]
-    assert (plan == "torch") == (saved == [])
+    assert saved
 
 
 # ---- the op-level functions behind a registered op
@@ -338,9 +350,9 @@ def _scratch_ops():
     for name in _OPS:
         schema = str(getattr(torch.ops.flatkern, name).default._schema)
         lib.define(schema.replace("flatkern::", ""))
-    lib.impl("hessian_trace", tt.hessian_trace_cuda, "CPU")
-    lib.impl("hessian_trace_backward", tt.hessian_trace_backward_cuda, "CPU")
-    lib.impl("hessian_trace_and_grad", tt.hessian_trace_and_grad_cuda, "CPU")
+    lib.impl("hessian_trace", tt.hessian_trace_triton, "CPU")
+    lib.impl("hessian_trace_backward", tt.hessian_trace_backward_triton, "CPU")
+    lib.impl("hessian_trace_and_grad", tt.hessian_trace_and_grad_triton, "CPU")
     ops = getattr(torch.ops, _NS)
 
     @torch.library.register_fake(f"{_NS}::hessian_trace", lib=lib)
@@ -392,7 +404,6 @@ def _op_args(path, monkeypatch, batch=(2,)):
 
 
 def test_cuda_kernels_are_registered_for_the_op():
-    assert ht._registered
     for name in _OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"flatkern::{name}", "CUDA")
 
@@ -430,26 +441,25 @@ def test_registered_op_autograd_matches_reference(path, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def test_cpu_without_interpreter_runs_plain_torch(monkeypatch):
+def test_cpu_without_interpreter_is_refused_by_the_routing_table(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    routing.reset()
     W = [w.cpu().detach().requires_grad_() for w in make_weights([3, 5, 4, 2])]
     meas, _ = make_measurements("rankone", 2, 3)
-    assert tt.unavailable_reason(torch.device("cpu")) is not None and ht._plan(W) == "torch"
-    expected, expected_grads = terms_and_grads(layer_terms_ref, W, meas)
-    got, grads = terms_and_grads(_terms, W, meas)
-    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
-    for a, b in zip(grads, expected_grads):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert routing.unavailable("triton", "cpu") is not None
+    with pytest.raises(RuntimeError, match=r'backend="triton" cannot run here: .*TRITON_INTERPRET=1'):
+        fk.hessian_trace(W, meas, backend="triton")
+    routing.reset()
 
 
 def test_unavailable_reason_follows_the_backend_contract(monkeypatch):
-    assert tt.unavailable_reason(torch.device("cuda")) is None
+    assert routing.unavailable("triton", "cuda") is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert tt.unavailable_reason(torch.device("cpu")) is None
+    assert routing.unavailable("triton", "cpu") is None
     assert "triton" in fk.available_backends("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert "TRITON_INTERPRET=1" in tt.unavailable_reason(torch.device("cpu"))
-    assert "meta" in tt.unavailable_reason(torch.device("meta"))
+    assert "TRITON_INTERPRET=1" in routing.unavailable("triton", "cpu")
+    assert "meta" in routing.unavailable("triton", "meta")
 
 
 def test_torch_compile_traces_the_op_with_its_autograd():

@@ -3,7 +3,7 @@
 Each function does the ``torch.mm`` calls an implementation must do, with the
 same shapes and dependencies, and nothing else (no norms, no scalings, no
 autograd): no implementation that forms these products can take less time.
-``bench/bench_cpu_kernels.py`` and ``bench/bench_training.py`` time them in
+``cpu_kernels.py`` and ``training.py`` (``python bench/bench_*.py``) time them in
 the same run as the real providers (docs/MATH.md, cost model):
 
     trace_products       12  the trace and its gradient: chains 4, reverse accumulation 8

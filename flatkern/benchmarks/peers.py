@@ -30,8 +30,15 @@ from ..reference import end_to_end_ref, hessian_trace_ref
 from .problems import Problem, Provider, flat_loss, flatkern_provider, needs_one_problem
 from .timing import time_once
 
-__all__ = ["PEERS", "providers_for", "flatkern_auto_backend", "hutchinson_loop", "hutchinson_vmap",
+__all__ = ["PEERS", "PEER_INSTALL", "providers_for", "flatkern_auto_backend", "hutchinson_loop", "hutchinson_vmap",
            "hvp_loop_trace", "backpack_trace", "curvlinops_hutchpp", "NUM_PROBES", "HUTCHPP_MATVECS"]
+
+# How the README installs the peers (after the ``bench`` extra), and the one command a skipped peer suggests:
+# --no-deps, because their declared dependencies replace a CPU torch with a CUDA build (tests check the
+# README holds this very line)
+PEER_INSTALL = ("pip install --no-deps backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 "
+                "curvlinops-for-pytorch==3.0.1 einconv==0.1.0")
+_NOT_INSTALLED = f"not installed; the README installs the peers with `{PEER_INSTALL}` (--no-deps keeps torch)"
 
 NUM_PROBES = 100  # Hutchinson probes, as in PyHessian's default use
 HUTCHPP_MATVECS = 99  # Hutch++ splits its products in thirds: the multiple of 3 closest to NUM_PROBES
@@ -177,7 +184,7 @@ def _backpack_skip(problem: Problem) -> str | None:
     try:
         import backpack  # noqa: F401
     except ImportError:
-        return "not installed (pip install backpack-for-pytorch)"
+        return _NOT_INSTALLED
     reason = needs_one_problem(problem)
     if reason:
         return reason
@@ -230,7 +237,7 @@ def _curvlinops_skip(problem: Problem) -> str | None:
     try:
         import curvlinops  # noqa: F401
     except ImportError:
-        return "not installed (pip install curvlinops-for-pytorch)"
+        return _NOT_INSTALLED
     reason = needs_one_problem(problem)
     if reason:
         return reason

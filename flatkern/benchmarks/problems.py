@@ -22,7 +22,8 @@ import torch
 
 import flatkern
 
-from ..measurements import Dense, Entries, Inputs, Isotropic, Measurements
+from ..kernels import families
+from ..measurements import Dense, Entries, Inputs, Isotropic, Measurements, RankOne
 from ..reference import end_to_end_ref, hessian_trace_ref, mse_loss_ref
 
 __all__ = ["Regime", "REGIMES", "TEST_REGIMES", "Problem", "peer_predict", "make_problem", "Provider",
@@ -34,7 +35,7 @@ class Regime:
 
     name: str
     dims: tuple[int, ...]
-    family: str  # "dense", "entries", "inputs", "isotropic"
+    family: str  # a registry class name in lower case (flatkern/kernels/families.py): "dense", "entries", ...
     n: int = 0  # measurements (dense, entries) or samples N (inputs)
     batch: tuple[int, ...] = ()
     quick: bool = False  # part of the default (quick) run
@@ -102,6 +103,18 @@ def peer_predict(E: torch.Tensor, measurements: Measurements) -> torch.Tensor:
     return measurements.predict(E)
 
 
+# measurements and targets per family, keyed by the registry's class names (lower case): a family the
+# registry has and the benchmarks cannot build is a ValueError naming it, never a silent gap
+_BUILDERS = {
+    "dense": lambda d_L, d_0, n, g, randn: (Dense(randn(n, d_L, d_0)), randn(n)),
+    "entries": lambda d_L, d_0, n, g, randn: (Entries.uniform(n, (d_L, d_0), generator=g), randn(n)),
+    "inputs": lambda d_L, d_0, n, g, randn: (Inputs(randn(n, d_0)), randn(n, d_L)),
+    "isotropic": lambda d_L, d_0, n, g, randn: (Isotropic(), randn(d_L, d_0)),
+    "rankone": lambda d_L, d_0, n, g, randn: (RankOne(randn(n, d_L), randn(n, d_0)), randn(n)),
+}
+assert set(_BUILDERS) == {name.lower() for name in families.CLASS_NAMES}, "a registry family has no benchmark builder"
+
+
 def make_problem(regime: Regime, *, dtype=torch.float32, device="cpu", seed: int = 0) -> Problem:
     """Random weights scaled so that products stay O(1), measurements and targets of ``regime``."""
     g = torch.Generator().manual_seed(seed)
@@ -112,16 +125,12 @@ def make_problem(regime: Regime, *, dtype=torch.float32, device="cpu", seed: int
     ]
     d_L, d_0, n = dims[-1], dims[0], regime.n
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    if regime.family == "dense":
-        meas, targets = Dense(randn(n, d_L, d_0)), randn(n)
-    elif regime.family == "entries":
-        meas, targets = Entries.uniform(n, (d_L, d_0), generator=g), randn(n)
-    elif regime.family == "inputs":
-        meas, targets = Inputs(randn(n, d_0)), randn(n, d_L)
-    elif regime.family == "isotropic":
-        meas, targets = Isotropic(), randn(d_L, d_0)
-    else:
-        raise ValueError(f"regime {regime.name!r} has unknown family {regime.family!r}")
+    build = _BUILDERS.get(regime.family)
+    if build is None:
+        raise ValueError(f"regime {regime.name!r} has unknown family {regime.family!r}; the benchmarks build "
+                         f"{', '.join(sorted(_BUILDERS))} (flatkern/kernels/families.py lists "
+                         f"{families.families_message()})")
+    meas, targets = build(d_L, d_0, n, g, randn)
     # the ground truth in float64 before casting: the exact number estimators are judged against
     exact = hessian_trace_ref(weights, meas)
     weights = [w.to(device=device, dtype=dtype) for w in weights]

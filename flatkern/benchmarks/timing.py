@@ -1,8 +1,8 @@
 """The one timing harness of flatkern's benchmarks.
 
-``flatkern bench``, ``bench/bench_cpu_kernels.py``, ``bench/bench_training.py``
-and ``bench/gpu_check.py`` all time through this module, so a measurement bug
-has one place to be fixed.
+``flatkern bench`` (``report.py``) and the benchmarks ``cpu_kernels.py``,
+``training.py`` and ``gpu_check.py`` of this package all time through this
+module, so a measurement bug has one place to be fixed.
 
 The method: the machine is shared and noisy, so the functions under test
 run **interleaved round-robin** (round 1 runs a block of each, round 2 again,

@@ -14,15 +14,15 @@ namespace {
 // Operand names, in order, for the messages (OP_SPEC.md's table).
 constexpr const char* kOperandNames[kNumFamilies][3] = {
     {nullptr, nullptr, nullptr},   // Isotropic
-    {"rows", "cols", "density"},   // Entries
+    {"rows", "cols", nullptr},     // Entries
     {"u", "v", nullptr},           // RankOne
     {"Ap", nullptr, nullptr},      // Dense
     {"Ap", "Kp", nullptr},         // Dense (kernel K)
     {"x", nullptr, nullptr},       // Inputs
 };
-constexpr int64_t kOperandCounts[kNumFamilies] = {0, 3, 2, 1, 2, 1};
+constexpr int64_t kOperandCounts[kNumFamilies] = {0, 2, 2, 1, 2, 1};
 
-// "(rows, cols, density)"
+// "(rows, cols)"
 std::string operand_list(int64_t family) {
   std::string s = "(";
   for (int64_t k = 0; k < kOperandCounts[family]; ++k) s += (k ? ", " : "") + std::string(kOperandNames[family][k]);
@@ -156,9 +156,6 @@ int64_t check_trace_inputs(at::TensorList weights, int64_t family, at::TensorLis
     case ENTRIES: {
       check_family_operand(operands[0], family, 0, at::kLong, {n});
       check_family_operand(operands[1], family, 1, at::kLong, {n});
-      // density is not read here (the Triton kernels read it); its shape is still part of the contract
-      TORCH_CHECK(operands[2].sizes() == at::IntArrayRef({d_L, d_0}), "flatkern: Entries operand density must have "
-                  "shape [", d_L, ", ", d_0, "], got ", operands[2].sizes());
       // the kernels gather with these indices: an out-of-range one must be an error
       const int64_t* rows = operands[0].data_ptr<int64_t>();
       const int64_t* cols = operands[1].data_ptr<int64_t>();

@@ -19,7 +19,7 @@ namespace flatkern {
 // (a test reads both). Operands, in order (OP_SPEC.md):
 enum Family : int64_t {
   ISOTROPIC = 0,     // ()
-  ENTRIES = 1,       // (rows int64 (n,), cols int64 (n,), density (d_L, d_0)); density is not read here
+  ENTRIES = 1,       // (rows int64 (n,), cols int64 (n,)): memory O(n), never O(d_L d_0)
   RANK_ONE = 2,      // (u (n, d_L), v (n, d_0))
   DENSE = 3,         // (Ap (d_L, n, d_0),)  Ap = A.permute(1, 0, 2), contiguous
   DENSE_KERNEL = 4,  // (Ap, Kp (d_L, d_L, d_0, d_0)); only Kp is read here

@@ -1,5 +1,10 @@
 """The Triton backend: the CUDA kernels of ``flatkern::hessian_trace`` and its backward.
 
+Imported only when a CUDA tensor (or ``backend="triton"`` under ``TRITON_INTERPRET=1``)
+needs it: ``flatkern/kernels/schemas.py`` registers thin CUDA entries that import
+``hessian_trace.py`` on their first call, and ``flatkern/kernels/routing.py`` imports it to
+tell whether Triton is installed.  ``import flatkern`` never imports triton.
+
 Computes, for a chain ``W_1 … W_L`` (``W_j``: ``(..., d_j, d_{j-1})``) and a
 measurement family, the per-layer contractions of ``docs/MATH.md``
 
@@ -21,24 +26,6 @@ The package, one seam per module:
 
     small.py          one program per problem: the whole chain in one launch (widths <= 128, any depth)
     large.py          tiled GEMMs with the family's norms in their epilogues (any width)
-    hessian_trace.py  the op-level forward / backward / value-and-grad, ``saved_specs``,
-                      the eager ``autograd.Function`` and the CUDA registration
-
-``flatkern/kernels/op.py`` defines the op and imports this package, which
-registers the CUDA kernels (``register_cuda_kernels``) once the op exists.
+    hessian_trace.py  the op-level launchers (the CUDA kernels), ``saved_specs``, and the
+                      interpreter's entries
 """
-
-from .hessian_trace import (
-    DOUBLE_BACKWARD_ERROR, PATHS, hessian_trace_and_grad_cuda, hessian_trace_and_grad_eager,
-    hessian_trace_backward_cuda, hessian_trace_cuda, layer_terms, register_cuda_kernels, saved_specs,
-    unavailable_reason,
-)
-from .small import SMALL_MAX_WIDTH
-
-__all__ = [
-    "SMALL_MAX_WIDTH", "PATHS", "DOUBLE_BACKWARD_ERROR", "unavailable_reason", "saved_specs", "layer_terms",
-    "hessian_trace_and_grad_eager", "hessian_trace_cuda", "hessian_trace_backward_cuda",
-    "hessian_trace_and_grad_cuda", "register_cuda_kernels",
-]
-
-register_cuda_kernels()

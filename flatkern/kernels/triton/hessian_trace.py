@@ -1,68 +1,51 @@
-"""The Triton kernels as ``flatkern::hessian_trace``'s CUDA kernels, and the eager entries.
+"""The Triton kernels as ``flatkern::hessian_trace``'s CUDA kernels: the op-level launchers.
 
-Holds the op-level functions, one per schema of ``flatkern/kernels/op.py``:
+One function per schema of ``flatkern/kernels/schemas.py`` (which registers them for
+CUDA, importing this module on the first CUDA call):
 
-    hessian_trace_cuda(weights, family, operands, with_end_to_end=False, scale=1., sum_layers=False)
+    hessian_trace_triton(weights, family, operands, with_end_to_end=False, scale=1., sum_layers=False)
         -> (terms, E, saved)
-    hessian_trace_backward_cuda(weights, family, operands, saved, grad_terms, grad_E, scale=1.,
+    hessian_trace_backward_triton(weights, family, operands, saved, grad_terms, grad_E, scale=1.,
         sum_layers=False) -> grads
-    hessian_trace_and_grad_cuda(weights, family, operands, scale=1., sum_layers=False) -> (terms, grads)
+    hessian_trace_and_grad_triton(weights, family, operands, scale=1., sum_layers=False) -> (terms, grads)
 
-``saved_specs`` (the shapes and dtypes of ``saved``, for the fake kernel), the
-eager entries ``layer_terms`` (an ``autograd.Function``, differentiable once)
-and ``hessian_trace_and_grad_eager`` that ``backend="triton"`` calls (on CUDA,
-and on CPU tensors under ``TRITON_INTERPRET=1``), and ``register_cuda_kernels``.
+and ``saved_specs`` (the shapes and dtypes of ``saved``, for the fake kernel).  On CPU
+tensors under ``TRITON_INTERPRET=1`` the dispatcher's CPU kernel is the C++ one, so
+``backend="triton"`` reaches these launchers through ``layer_terms`` (the one autograd
+formula's Python twin, ``flatkern/kernels/autograd.py``) and
+``hessian_trace_and_grad_interpret``; ``layer_terms`` also lets tests force a path and tile size.
+
+What the kernels take (dtypes, widths, empty batches, devices) is decided once, by the
+``TRITON`` record of ``flatkern/kernels/routing.py``; these launchers trust it.
 
 Why ``register_kernel`` and not ``triton_op``: the op is declared once, in
-``op.py``, for every device (C++ on CPU, this package on CUDA), with one
+``schemas.py``, for every device (C++ on CPU, this package on CUDA), with one
 autograd formula in C++; ``triton_op`` would declare a second op of its own.
 The price is that inductor sees the op as opaque rather than tracing into the
 Triton kernels, which a chain of small GEMMs in one launch does not need.
 
 Plans (``_plan``): ``"small"`` (every width <= ``SMALL_MAX_WIDTH``, any depth:
-``small.py``), ``"large"`` (``large.py``), or ``"torch"``: the large path's
-formulas in plain torch, for what no kernel should see (an empty batch, a zero
-width) and for CPU tensors without the interpreter.  Everything is computed in
-fp32 (fp64 for fp64 weights) and returned in the weights' dtype.
+``small.py``) or ``"large"`` (``large.py``).  Everything is computed in fp32
+(fp64 for fp64 weights) and returned in the weights' dtype.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import weakref
 
 import torch
 
-from .. import families
-from .large import TorchReductions, TritonReductions, large_bwd, large_chain, large_fwd, norms_needed
+from .. import autograd, families
+from .large import TritonReductions, large_bwd, large_fwd, norms_needed
 from .small import SMALL_MAX_WIDTH, chain_small_bwd, chain_small_fwd, small_width
 
 __all__ = [
-    "unavailable_reason", "saved_specs", "hessian_trace_cuda", "hessian_trace_backward_cuda",
-    "hessian_trace_and_grad_cuda", "layer_terms", "hessian_trace_and_grad_eager", "register_cuda_kernels",
+    "saved_specs", "hessian_trace_triton", "hessian_trace_backward_triton", "hessian_trace_and_grad_triton",
+    "layer_terms", "hessian_trace_and_grad_interpret",
 ]
 
 PATHS = ("auto", "small", "large")
-DOUBLE_BACKWARD_ERROR = (
-    'flatkern: backend="triton" does not support double backward (a derivative of the gradient of the '
-    'Hessian trace); use backend="torch", which supports derivatives of every order')
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """``None`` if the Triton backend can run on ``device``, else why not."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and _interpreting():
-        return None
-    if device.type == "cpu":
-        return "Triton kernels need CUDA tensors (on CPU they run only in the interpreter, with TRITON_INTERPRET=1)"
-    return f"Triton kernels run on CUDA tensors, got tensors on {device}"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,23 +65,15 @@ def _widths(weights) -> list[int]:
 
 
 def _plan(weights, path: str = "auto") -> str:
-    """``"small"``, ``"large"`` or ``"torch"`` (see the module docstring)."""
-    device = weights[0].device
-    if not (device.type == "cuda" or (device.type == "cpu" and _interpreting())):
-        return "torch"
-    widths = _widths(weights)
-    if math.prod(weights[0].shape[:-2]) == 0 or min(widths) == 0:
-        return "torch"
+    """``"small"`` or ``"large"`` (see the module docstring)."""
     if path == "auto":
-        return "small" if max(widths) <= SMALL_MAX_WIDTH else "large"
+        return "small" if max(_widths(weights)) <= SMALL_MAX_WIDTH else "large"
     return path
 
 
 def _kernel_family(family: int) -> int:
-    """The code the kernels branch on: Triton reads ``Ap`` for both Dense codes."""
-    if family not in families.NAMES:
-        raise ValueError(f"unknown measurement family code {family} (flatkern/kernels/families.py)")
-    return families.DENSE if family == families.DENSE_KERNEL else family
+    """The code the kernels branch on: Dense with the kernel ``K`` is Dense here (no ``K`` path)."""
+    return families.base_code(family)
 
 
 # (id(operand), what) -> (weakref to the operand, its version, the derived tensor)
@@ -124,11 +99,13 @@ def _derive(t: torch.Tensor, what: tuple, make):
     return value
 
 
-def _prepare(family: int, operands, cdtype: torch.dtype, d_L: int) -> tuple[int, list[torch.Tensor]]:
+def _prepare(family: int, operands, cdtype: torch.dtype, d_L: int, d_0: int, plan: str) -> tuple[int, list[torch.Tensor]]:
     """``(kernel family, data)``: what the kernels read, in the compute dtype.
 
-    Entries ``[K = density]`` (d_L, d_0); RankOne ``[U, V]``; Dense and DENSE_KERNEL ``[Ap]``
-    (d_L, n, d_0); Inputs ``[M = xᵀx / (N d_L)]`` (d_0, d_0); Isotropic ``[]``.
+    Entries: on the small plan ``[K = counts / n]`` (d_L, d_0), at most 128 x 128, built on the
+    device once per operand set; on the large plan ``[rows, cols]`` as they are (memory O(n), no
+    d_L x d_0 matrix); RankOne ``[U, V]``; Dense and Dense (kernel K) ``[Ap]`` (d_L, n, d_0);
+    Inputs ``[M = xᵀx / (N d_L)]`` (d_0, d_0); Isotropic ``[]``.
     """
     family = _kernel_family(family)
 
@@ -138,7 +115,16 @@ def _prepare(family: int, operands, cdtype: torch.dtype, d_L: int) -> tuple[int,
         return _derive(t, (cdtype,), lambda t: t.to(cdtype).contiguous())
 
     if family == families.ENTRIES:
-        return family, [cast(operands[2])]
+        rows, cols = operands[0], operands[1]
+        if plan != "small":
+            return family, [rows, cols]
+
+        def density(rows):
+            counts = torch.bincount(rows * d_0 + cols, minlength=d_L * d_0)
+            return (counts.to(cdtype) / rows.shape[0]).reshape(d_L, d_0)
+        # keyed on both index tensors: an in-place edit of either is a new density
+        cols_key = (id(cols), None if cols.is_inference() else cols._version)
+        return family, [_derive(rows, (cdtype, d_L, d_0, "density", cols_key), density)]
     if family == families.RANK_ONE:
         return family, [cast(operands[0]), cast(operands[1])]
     if family == families.DENSE:
@@ -178,29 +164,31 @@ def saved_specs(weights, family: int, operands, *, path: str = "auto") -> list[t
     if plan == "small":
         D = small_width(d)
         return [((B, L, D, D), cdtype), ((B, L, D, D), cdtype), ((B, sum(d[j + 1] * d[j] for j in range(L))), cdtype)]
-    if plan == "large":
-        need_r, need_c = norms_needed(_kernel_family(family))
-        shapes = ([(B, d[L], d[j + 1]) for j in range(L - 2)] + [(B, d[j], d[0]) for j in range(2, L)]
-                  + [(B, d[L])] * ((L - 1) * need_r) + [(B, d[0])] * ((L - 1) * need_c))
-        return [(s, cdtype) for s in shapes]
-    return []
+    need_r, need_c = norms_needed(_kernel_family(family))
+    shapes = ([(B, d[L], d[j + 1]) for j in range(L - 2)] + [(B, d[j], d[0]) for j in range(2, L)]
+              + [(B, d[L])] * ((L - 1) * need_r) + [(B, d[0])] * ((L - 1) * need_c))
+    return [(s, cdtype) for s in shapes]
 
 
 def _forward(weights, family, operands, with_e: bool, path: str, block: int | None):
     """``(c (B, L), E (B, d_L, d_0) or None, saved)`` in the compute dtype."""
     cdtype = _compute_dtype(weights[0].dtype)
     d_L = weights[-1].shape[-2]
+    B = math.prod(weights[0].shape[:-2])
+    if B == 0:  # an empty batch: nothing to launch, outputs of the right shapes
+        like = weights[0].new_empty((), dtype=cdtype)
+        E = like.new_empty((0, d_L, weights[0].shape[-1])) if with_e else None
+        return like.new_empty((0, len(weights))), E, [like.new_empty(s) for s, _ in saved_specs(weights, family,
+                                                                                                 operands, path=path)]
     plan = _plan(weights, path)
     prec = _dot_precision(weights[0].device, cdtype)
-    family, data = _prepare(family, operands, cdtype, d_L)
+    family, data = _prepare(family, operands, cdtype, d_L, weights[0].shape[-1], plan)
     if plan == "small":
         W = _pack(weights, cdtype)
         c, P_ws, Q_ws, E = chain_small_fwd(W, _widths(weights), family, data, prec, with_e)
         return c, E, [P_ws, Q_ws, W]
-    red = TritonReductions(block, prec) if plan == "large" else TorchReductions()
+    red = TritonReductions(block, prec)
     c, P, Q, rp, cq, E = large_fwd(_flat(weights, cdtype), family, data, red, with_e)
-    if plan == "torch":
-        return c, E, []
     # P[L-2] = W_L and Q[1] = W_1 alias the inputs: the backward takes them from the weights
     L = len(weights)
     norms = [r for r in rp if r is not None] + [s for s in cq if s is not None]
@@ -215,26 +203,24 @@ def _backward(weights, family, operands, saved, g, grad_E, path: str, block: int
     """
     cdtype = _compute_dtype(weights[0].dtype)
     d_L, L = weights[-1].shape[-2], len(weights)
+    if math.prod(weights[0].shape[:-2]) == 0:  # an empty batch: empty gradients
+        return [torch.zeros_like(w) for w in weights]
     plan = _plan(weights, path)
     prec = _dot_precision(weights[0].device, cdtype)
-    family, data = _prepare(family, operands, cdtype, d_L)
+    family, data = _prepare(family, operands, cdtype, d_L, weights[0].shape[-1], plan)
     if plan == "small":
         P_ws, Q_ws, W = saved
         dW = chain_small_bwd(W, P_ws, Q_ws, g, grad_E, _widths(weights), family, data, prec)
         return _unpack(dW, weights, fresh)
     Ws = _flat(weights, cdtype)
-    if plan == "large":
-        red = TritonReductions(block, prec)
-        k = max(L - 2, 0)
-        P = list(saved[:k]) + ([Ws[L - 1]] if L > 1 else []) + [None]
-        Q = [None] + ([Ws[0]] if L > 1 else []) + list(saved[k: 2 * k])
-        need_r, need_c = norms_needed(family)
-        norms = list(saved[2 * k:])
-        rp = (norms[: L - 1] if need_r else [None] * (L - 1)) + [None]
-        cq = [None] + (norms[(L - 1) * need_r:] if need_c else [None] * (L - 1))
-    else:  # plain torch: the forward saved nothing
-        red = TorchReductions()
-        P, Q, rp, cq = large_chain(Ws, family, red)
+    red = TritonReductions(block, prec)
+    k = max(L - 2, 0)
+    P = list(saved[:k]) + ([Ws[L - 1]] if L > 1 else []) + [None]
+    Q = [None] + ([Ws[0]] if L > 1 else []) + list(saved[k: 2 * k])
+    need_r, need_c = norms_needed(family)
+    norms = list(saved[2 * k:])
+    rp = (norms[: L - 1] if need_r else [None] * (L - 1)) + [None]
+    cq = [None] + (norms[(L - 1) * need_r:] if need_c else [None] * (L - 1))
     dW = large_bwd(Ws, P, Q, rp, cq, g, grad_E, family, data, red)
     return [d.reshape(w.shape).to(w.dtype) for d, w in zip(dW, weights)]
 
@@ -287,15 +273,15 @@ def _grad_E(grad_E, weights):
 # ------------------------------------------------------------------ op kernels
 
 
-def hessian_trace_cuda(weights, family, operands, with_end_to_end=False, scale=1.0, sum_layers=False):
-    """``flatkern::hessian_trace`` on CUDA: ``(terms, E, saved)`` (``op.py`` has the contract)."""
+def hessian_trace_triton(weights, family, operands, with_end_to_end=False, scale=1.0, sum_layers=False):
+    """``flatkern::hessian_trace`` by the Triton kernels: ``(terms, E, saved)`` (``schemas.py`` has the contract)."""
     weights = list(weights)
     c, E, saved = _forward(weights, family, list(operands), with_end_to_end, "auto", None)
     return _terms(c, weights, scale, sum_layers), _end_to_end(E, weights), saved
 
 
-def hessian_trace_backward_cuda(weights, family, operands, saved, grad_terms, grad_E, scale=1.0, sum_layers=False):
-    """``flatkern::hessian_trace_backward`` on CUDA: the gradient of ``<grad_terms, terms> + <grad_E, E>``.
+def hessian_trace_backward_triton(weights, family, operands, saved, grad_terms, grad_E, scale=1.0, sum_layers=False):
+    """``flatkern::hessian_trace_backward`` by the Triton kernels: the gradient of ``<grad_terms, terms> + <grad_E, E>``.
 
     ``grad_E`` contributes ``P_jᵀ G Q_jᵀ`` to ``W_j``, through the same reverse accumulation.
     """
@@ -304,8 +290,8 @@ def hessian_trace_backward_cuda(weights, family, operands, saved, grad_terms, gr
                      _grad_E(grad_E, weights), "auto", None)
 
 
-def hessian_trace_and_grad_cuda(weights, family, operands, scale=1.0, sum_layers=False):
-    """``flatkern::hessian_trace_and_grad`` on CUDA: the forward and the backward back to back."""
+def hessian_trace_and_grad_triton(weights, family, operands, scale=1.0, sum_layers=False):
+    """``flatkern::hessian_trace_and_grad`` by the Triton kernels: the forward and the backward back to back."""
     weights = list(weights)
     operands = list(operands)
     c, _, saved = _forward(weights, family, operands, False, "auto", None)
@@ -313,82 +299,38 @@ def hessian_trace_and_grad_cuda(weights, family, operands, scale=1.0, sum_layers
     return _terms(c, weights, scale, sum_layers), _backward(weights, family, operands, saved, g, None, "auto", None)
 
 
-# ------------------------------------------------------------------ eager entries
+# ------------------------------------------------------------------ the interpreter's entries
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    """The identity on first-order gradients, whose own backward raises ``DOUBLE_BACKWARD_ERROR``.
-
-    The kernels' gradients are not differentiable; under ``create_graph=True`` this node makes a
-    second ``autograd.grad`` fail with a message that names the backend and the alternative,
-    rather than return a wrong value or fail on a tensor that does not require grad.
-    """
-
-    @staticmethod
-    def forward(ctx, num_weights, *tensors):
-        # the weights are inputs only so that the outputs belong to the graph
-        return tuple(t.clone() for t in tensors[num_weights:])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+def _forward_fn(path: str, block: int | None):
+    def forward(weights, family, operands, with_end_to_end, scale, sum_layers):
+        c, E, saved = _forward(list(weights), family, list(operands), with_end_to_end, path, block)
+        return _terms(c, weights, scale, sum_layers), _end_to_end(E, weights), saved
+    return forward
 
 
-class _LayerTerms(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, family, scale, sum_layers, with_e, path, block, num_weights, *tensors):
-        weights, operands = list(tensors[:num_weights]), list(tensors[num_weights:])
-        c, E, saved = _forward(weights, family, operands, with_e, path, block)
-        ctx.args = (family, scale, sum_layers, path, block, num_weights)
-        ctx.operands = operands
-        ctx.save_for_backward(*weights, *saved)
-        # no zero-filled gradient for an unused E: it would be a launch and memory for nothing
-        ctx.set_materialize_grads(False)
-        E = _end_to_end(E, weights)
-        if not with_e:
-            ctx.mark_non_differentiable(E)
-        return _terms(c, weights, scale, sum_layers), E
-
-    @staticmethod
-    def backward(ctx, grad_terms, grad_E):
-        family, scale, sum_layers, path, block, num_weights = ctx.args
-        saved = ctx.saved_tensors
-        weights, products = list(saved[:num_weights]), list(saved[num_weights:])
-        none = (None,) * 7
-        if grad_terms is None and grad_E is None:
-            return (*none, *([None] * (num_weights + len(ctx.operands))))
-        with torch.no_grad():
-            if grad_terms is None:
-                g = weights[0].new_zeros((math.prod(weights[0].shape[:-2]), num_weights),
-                                         dtype=_compute_dtype(weights[0].dtype))
-            else:
-                g = _terms_grad(grad_terms, weights, scale, sum_layers)
-            grads = _backward(weights, family, ctx.operands, products, g, _grad_E(grad_E, weights), path, block,
-                              fresh=False)
-        if torch.is_grad_enabled():  # create_graph=True
-            grads = _NoDoubleBackward.apply(num_weights, *weights, *grads)
-        return (*none, *grads, *([None] * len(ctx.operands)))
+def _backward_fn(path: str, block: int | None):
+    def backward(weights, family, operands, saved, grad_terms, grad_E, scale, sum_layers):
+        weights = list(weights)
+        return _backward(weights, family, list(operands), list(saved), _terms_grad(grad_terms, weights, scale, sum_layers),
+                         _grad_E(grad_E, weights), path, block, fresh=False)
+    return backward
 
 
-def _op_defined(name: str) -> bool:
-    return hasattr(torch.ops.flatkern, name)
-
-
-@torch.compiler.disable
-def _layer_terms_eager(*args):
-    # no op to put in the graph (op.py not loaded): run the Function outside it
-    return _LayerTerms.apply(*args)
-
-
+@torch.compiler.disable  # the interpreter runs numpy on the tensors' memory: no graph can hold it
 def layer_terms(weights, family: int, operands, *, scale: float = 1.0, sum_layers: bool = False,
                 with_end_to_end: bool = False, path: str = "auto", block: int | None = None):
     """``(terms, E or None)``: the per-layer terms ``scale · c_j`` by the Triton kernels, differentiable once.
 
         c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²
 
+    Through the one autograd formula (its Python twin, ``flatkern/kernels/autograd.py``), with these
+    launchers as forward and backward: how ``backend="triton"`` runs on CPU tensors under
+    ``TRITON_INTERPRET=1``, and how tests force a path and a tile size.
+
     Args:
-        weights: ``[W_1, ..., W_L]``, ``W_j`` of shape ``(..., d_j, d_{j-1})`` (validated by the caller),
-            on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (else the plain-torch plan runs).
+        weights: ``[W_1, ..., W_L]``, ``W_j`` of shape ``(..., d_j, d_{j-1})`` (validated and routed
+            by the caller: a non-empty batch, widths >= 1), on CUDA or on CPU under ``TRITON_INTERPRET=1``.
         family, operands: a measurement object's encoding (``flatkern/kernels/families.py``).
         scale: multiplies every term (``flatkern.hessian_trace`` passes 2 or 2n).
         sum_layers: return ``scale · Σ_j c_j``, shape ``(...)``, instead of the terms.
@@ -410,44 +352,14 @@ def layer_terms(weights, family: int, operands, *, scale: float = 1.0, sum_layer
     weights, operands = list(weights), list(operands)
     if path == "small" and max(_widths(weights)) > SMALL_MAX_WIDTH:
         raise ValueError(f'path="small" needs every width <= {SMALL_MAX_WIDTH}, got widths {_widths(weights)}')
-    if torch.compiler.is_compiling() and _op_defined("hessian_trace"):
-        # a graph holds the op (the dispatcher's kernel for the device, the registered autograd)
-        terms, E, _ = torch.ops.flatkern.hessian_trace(weights, family, operands, with_end_to_end, scale, sum_layers)
-    else:
-        terms, E = _layer_terms_eager(family, scale, sum_layers, with_end_to_end, path, block, len(weights),
-                                      *weights, *operands)
+    terms, E, _ = autograd.apply(_forward_fn(path, block), _backward_fn(path, block), "triton", weights, family,
+                                 operands, with_end_to_end, scale, sum_layers)
     return terms, (E if with_end_to_end else None)
 
 
-def hessian_trace_and_grad_eager(weights, family: int, operands, scale: float = 1.0, sum_layers: bool = False):
+def hessian_trace_and_grad_interpret(weights, family: int, operands, scale: float = 1.0, sum_layers: bool = False):
     """``(terms, grads)`` as ``flatkern::hessian_trace_and_grad``: forward and backward back to back,
     no autograd graph (works under ``no_grad`` and ``inference_mode``)."""
     with torch.no_grad():
-        terms, grads = hessian_trace_and_grad_cuda(weights, family, operands, scale, sum_layers)
+        terms, grads = hessian_trace_and_grad_triton(weights, family, operands, scale, sum_layers)
     return terms, list(grads)
-
-
-# ------------------------------------------------------------------ registration
-
-_KERNELS = {
-    "hessian_trace": hessian_trace_cuda,
-    "hessian_trace_backward": hessian_trace_backward_cuda,
-    "hessian_trace_and_grad": hessian_trace_and_grad_cuda,
-}
-_registered = False
-
-
-def register_cuda_kernels(lib: torch.library.Library | None = None) -> bool:
-    """Register the op-level functions as the CUDA kernels of the ops ``op.py`` defines.
-
-    Idempotent; ``False`` (nothing registered) while the ops are not defined yet.
-    """
-    global _registered
-    if _registered:
-        return True
-    if not all(_op_defined(name) for name in _KERNELS):
-        return False
-    for name, fn in _KERNELS.items():
-        torch.library.register_kernel(f"flatkern::{name}", "cuda", fn, lib=lib)
-    _registered = True
-    return True

@@ -12,18 +12,17 @@ to reduce it.  The backward's reverse accumulation stays on ``torch.matmul`` /
 ``_scale_kernel``.
 
 Holds: the kernels ``_mm_norms_kernel``, ``_rowsq_kernel``, ``_scale_kernel``;
-``TritonReductions`` (their launchers) and ``TorchReductions`` (the same
-operations in plain torch, for the plain-torch plan: CPU tensors without the
-interpreter, empty batches, zero widths); the per-family terms and gradients
+``TritonReductions`` (their launchers); the per-family terms and gradients
 (``_large_terms``, ``_large_bars``) and the chain walks ``large_fwd`` /
-``large_bwd``, which take either set of reductions.
+``large_bwd``.  Inputs the kernels do not take (empty batches, zero widths)
+never get here: the routing table sends them to the reference.
 
-Per family (``r = rowsq(P_j)``, ``s = colsq(Q_j)``, ``K = counts / n``,
+Per family (``r = rowsq(P_j)``, ``s = colsq(Q_j)``, ``K = counts / n`` (never formed: d_L x d_0),
 ``M = XᵀX / (N d_L)``, ``α_i = ‖P_jᵀu_i‖²``, ``β_i = ‖Q_j v_i‖²``):
 
     family      c_j                         2 S_j P_j                  2 Q_j T_j
     Isotropic   Σr · Σs                     2 Σs · P                   2 Σr · Q
-    Entries     rᵀ K s                      2 (K s) ⊙rows P            2 Q ⊙cols (Kᵀ r)
+    Entries     (1/n) Σ r[a_i] s[b_i]       2 (K s) ⊙rows P            2 Q ⊙cols (Kᵀ r)   (K s, Kᵀ r: scatter-adds over the n entries)
     RankOne     (1/n) Σ α_i β_i             (2/n) Uᵀ diag(β) U P       (2/n) Q Vᵀ diag(α) V
     Dense       (1/n) Σ <A_i, G A_i H>      (2/n) Σ A_i H A_iᵀ P       (2/n) Q Σ A_iᵀ G A_i
     Inputs      Σr · <H, M>                 2 <H, M> · P               2 Σr · Q M
@@ -42,7 +41,7 @@ from torch.library import wrap_triton
 
 from .. import families
 
-__all__ = ["TritonReductions", "TorchReductions", "norms_needed", "large_chain", "large_fwd", "large_bwd"]
+__all__ = ["TritonReductions", "norms_needed", "large_chain", "large_fwd", "large_bwd"]
 
 
 @triton.jit
@@ -191,35 +190,9 @@ class TritonReductions:
         return out
 
 
-class TorchReductions:
-    """The same operations in plain torch (the plain-torch plan)."""
-
-    @staticmethod
-    def mm(a, b, rows=False, cols=False, store=True):
-        c = a @ b
-        return (c if store else None, c.square().sum(-1) if rows else None, c.square().sum(-2) if cols else None)
-
-    @staticmethod
-    def rowsq(X):
-        return X.square().sum(-1)
-
-    @staticmethod
-    def colsq(X):
-        return X.square().sum(-2)
-
-    @staticmethod
-    def scale(X, wr=None, wc=None):
-        if wr is not None:
-            X = X * wr[:, :, None]
-        if wc is not None:
-            X = X * wc[:, None, :]
-        return X
-
-
 def norms_needed(family: int) -> tuple[bool, bool]:
     """Whether the family reads ``rowsq(P_j)`` and ``colsq(Q_j)`` (Isotropic and Inputs: their sums)."""
-    return (family in (families.ISOTROPIC, families.ENTRIES, families.INPUTS),
-            family in (families.ISOTROPIC, families.ENTRIES))
+    return families.get(family).norms
 
 
 def large_chain(Ws, family, red):
@@ -265,9 +238,14 @@ def _large_terms(family, data, P, Q, rp, cq, d_L, d_0, like, red):
             fq = (Q * (Q @ M)).sum((-2, -1)) if Q is not None else torch.diagonal(M).sum().expand(B)
         return fp * fq
     if family == families.ENTRIES:
-        K = data[0]
-        Ks = (cq @ K.T) if Q is not None else K.sum(-1).expand(B, d_L)
-        return (rp * Ks).sum(-1) if P is not None else Ks.sum(-1)
+        # (1/n) Σ_i rowsq(P)[rows_i] colsq(Q)[cols_i]: gathers over the n entries, O(B n) memory,
+        # never a d_L x d_0 matrix (completion problems are large and sparse)
+        rows, cols = data[0], data[1]
+        r = rp[:, rows] if P is not None else None
+        c = cq[:, cols] if Q is not None else None
+        if r is None and c is None:
+            return like.new_ones((B,))
+        return (r if c is None else c if r is None else r * c).mean(-1)
     if family == families.RANK_ONE:
         U, V = data[0], data[1]
         # ‖u_iᵀ P‖²: row norms of U P, reduced in the product's epilogue, U P never stored
@@ -283,6 +261,14 @@ def _large_terms(family, data, P, Q, rp, cq, d_L, d_0, like, red):
     AH = A_cols if Q is None else A_cols @ red.mm(Q.transpose(-1, -2), Q)[0]
     out = (GA.reshape(*GA.shape[:-2], -1) * AH.reshape(*AH.shape[:-2], -1)).sum(-1) / n
     return out.expand(B)
+
+
+def _entries_sum(values, gather, scatter, size: int, B: int, like: torch.Tensor) -> torch.Tensor:
+    """``out[b, k] = (1/n) Σ_{i: scatter_i = k} values[b, gather_i]`` (B, size); ``values=None`` means ones."""
+    n = gather.shape[0]
+    src = values[:, gather] if values is not None else like.new_ones((1, n)).expand(B, n)
+    out = like.new_zeros((B, size))
+    return out.index_add_(1, scatter, src) / n
 
 
 def _large_bars(family, data, P, Q, rp, cq, g, d_L, d_0, red, need_p, need_q):
@@ -311,13 +297,11 @@ def _large_bars(family, data, P, Q, rp, cq, g, d_L, d_0, red, need_p, need_q):
         if need_p:
             p_bar = red.scale(P, wr=(2 * g * fq)[:, None])
     elif family == families.ENTRIES:
-        K = data[0]
-        if need_p:
-            s = cq if Q is not None else torch.ones_like(g)[:, None].expand(B, d_0)
-            p_bar = red.scale(P, wr=2 * g[:, None] * (s @ K.T))
-        if need_q:
-            r = rp if P is not None else torch.ones_like(g)[:, None].expand(B, d_L)
-            q_bar = red.scale(Q, wc=2 * g[:, None] * (r @ K))
+        rows, cols = data[0], data[1]
+        if need_p:  # ∂c/∂rowsq(P)[a] = (1/n) Σ_{i: rows_i = a} colsq(Q)[cols_i]
+            p_bar = red.scale(P, wr=2 * g[:, None] * _entries_sum(cq, cols, rows, d_L, B, g))
+        if need_q:  # ∂c/∂colsq(Q)[b] = (1/n) Σ_{i: cols_i = b} rowsq(P)[rows_i]
+            q_bar = red.scale(Q, wc=2 * g[:, None] * _entries_sum(rp, rows, cols, d_0, B, g))
     elif family == families.RANK_ONE:
         U, V = data[0], data[1]
         n = U.shape[0]

@@ -1,0 +1,113 @@
+"""The schemas of flatkern's compiled ops, and the kernels each device gets.
+
+The schemas are defined here, in Python, rather than with ``TORCH_LIBRARY`` in
+C++: the ops then exist whether or not the C++ extension was built, and
+everything above them (``flatkern.hessian_trace``, ``torch.compile`` graphs)
+is the same either way.  ``docs/ARCHITECTURE.md`` draws the whole picture.
+
+    flatkern::end_to_end(Tensor[] weights) -> Tensor
+    flatkern::hessian_trace(weights, family, operands, with_end_to_end, scale, sum_layers)
+        -> (terms, E, saved)
+    flatkern::hessian_trace_backward(weights, family, operands, saved, grad_terms, grad_E, scale, sum_layers)
+        -> grads
+    flatkern::hessian_trace_and_grad(weights, family, operands, scale, sum_layers) -> (terms, grads)
+
+``weights`` are ``[W_1, ..., W_L]``, ``W_j`` of shape ``(..., d_j, d_{j-1})``;
+``(family, operands)`` is a measurement object's encoding
+(``flatkern/kernels/families.py``).  ``terms`` is ``scale · c_j`` with
+``c_j = (1/n) Σ_i ‖P_jᵀ A_i Q_jᵀ‖_F²`` (``(..., L)``), or ``scale · Σ_j c_j``
+(``(...)``) with ``sum_layers``; ``E = W_L ⋯ W_1`` (``(..., d_L, d_0)``, or an
+empty ``(0,)`` tensor without ``with_end_to_end``); ``saved`` is whatever that
+device's backward needs.  ``hessian_trace_and_grad`` returns the same terms
+and the gradient of ``scale · Σ_j c_j`` with respect to each weight, without
+an autograd graph (its outputs never require grad).
+
+Kernels, by dispatch key (one module each):
+
+- CPU: the C++ kernels (``csrc/ops/cpu/``), registered when ``flatkern._C``
+  is imported below; without the extension, ``reference_kernel.py``.
+- CUDA: the Triton launchers (``triton/``), registered here as thin entries
+  that import the Triton package on their first call: ``import flatkern``
+  never imports Triton on a machine that does not use it.
+- Autograd: one formula for every device, in C++
+  (``csrc/ops/autograd/hessian_trace.cpp``); without the extension, its Python
+  twin ``autograd.py``.
+- Fake (``torch.compile``, ``opcheck``): ``fake.py``, sized by the kernel
+  records of ``routing.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+__all__ = ["CPP_ERROR", "end_to_end", "hessian_trace", "hessian_trace_backward", "hessian_trace_and_grad"]
+
+_lib = torch.library.Library("flatkern", "DEF")
+_lib.define("end_to_end(Tensor[] weights) -> Tensor")
+_lib.define("hessian_trace(Tensor[] weights, int family, Tensor[] operands, bool with_end_to_end=False, "
+            "float scale=1., bool sum_layers=False) -> (Tensor, Tensor, Tensor[])")
+_lib.define("hessian_trace_backward(Tensor[] weights, int family, Tensor[] operands, Tensor[] saved, "
+            "Tensor grad_terms, Tensor? grad_E, float scale=1., bool sum_layers=False) -> Tensor[]")
+_lib.define("hessian_trace_and_grad(Tensor[] weights, int family, Tensor[] operands, float scale=1., "
+            "bool sum_layers=False) -> (Tensor, Tensor[])")
+
+end_to_end = torch.ops.flatkern.end_to_end.default
+hessian_trace = torch.ops.flatkern.hessian_trace.default
+hessian_trace_backward = torch.ops.flatkern.hessian_trace_backward.default
+hessian_trace_and_grad = torch.ops.flatkern.hessian_trace_and_grad.default
+
+try:
+    # registers the C++ CPU and Autograd kernels ("No module named flatkern._C" when it was not built)
+    _C = importlib.import_module("flatkern._C")
+
+    CPP_ERROR: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    CPP_ERROR = (f"the C++ extension flatkern._C is not importable ({exc}); reinstall with "
+                 "`pip install --no-build-isolation .` against the installed torch")
+
+
+def _tag_compile_cache() -> None:
+    """Key torch.compile's caches by this build's kernels.
+
+    torch caches compiled graphs across processes and treats a custom op as the same op whatever
+    kernels it has; but what ``saved`` holds, and so the compiled backward, depends on the build
+    (the C++ kernels, or the plain-torch fallback). A graph compiled by one build must not be
+    replayed by another.
+    """
+    if _C is None:
+        build = "flatkern:reference"
+    else:
+        stat = os.stat(_C.__file__)
+        build = f"flatkern:cpp:{stat.st_size}:{stat.st_mtime_ns}"
+    tag = torch.compiler.config.cache_key_tag
+    if build not in tag:
+        torch.compiler.config.cache_key_tag = f"{tag}|{build}" if tag else build
+
+
+_tag_compile_cache()
+
+
+def _triton_entry(name: str):
+    """The CUDA kernel ``name`` of ``flatkern/kernels/triton``, imported on its first call."""
+    def kernel(*args):
+        from .triton import hessian_trace as launchers  # imports triton: only when a CUDA tensor gets here
+        return getattr(launchers, name)(*args)
+    kernel.__name__ = name
+    return kernel
+
+
+_lib.impl("hessian_trace", _triton_entry("hessian_trace_triton"), "CUDA")
+_lib.impl("hessian_trace_backward", _triton_entry("hessian_trace_backward_triton"), "CUDA")
+_lib.impl("hessian_trace_and_grad", _triton_entry("hessian_trace_and_grad_triton"), "CUDA")
+
+from . import fake  # noqa: E402,F401  (registers the fake kernels and end_to_end's autograd)
+
+if _C is None:
+    from . import autograd, reference_kernel  # noqa: E402
+
+    reference_kernel.register(_lib)
+    autograd.register(_lib)

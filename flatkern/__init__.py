@@ -29,8 +29,8 @@ _EXPORTS = {
     # the ops
     "end_to_end": "ops", "mse_loss": "ops", "hessian_trace": "ops", "hessian_trace_and_grad": "ops",
     "available_backends": "ops", "TraceProblem": "ops", "objective": "objective",
-    # networks beyond the chain
-    "hessian_trace_of": "nn",
+    # networks beyond the chain (nn.Sequential of Linear, ReLU, LeakyReLU, ...)
+    "hessian_trace_of": "nn", "hessian_trace_and_grad_of": "nn",
     # theory and the flattest solution
     "flatness_lower_bound": "theory", "flattest_factorization": "theory",
     "flattest_solution": "flattest_solution", "FlattestReport": "flattest_solution",
@@ -43,7 +43,7 @@ __all__ = [
     "Measurements", "Isotropic", "Entries", "RankOne", "Dense", "Inputs",
     "end_to_end", "mse_loss", "hessian_trace", "hessian_trace_and_grad", "available_backends", "TraceProblem",
     "flatness_lower_bound", "flattest_factorization", "flattest_solution", "FlattestReport", "ConvergenceWarning",
-    "nn", "optim", "hessian_trace_of", "objective",
+    "nn", "optim", "hessian_trace_of", "hessian_trace_and_grad_of", "objective",
 ]
 
 

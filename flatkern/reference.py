@@ -11,16 +11,19 @@ prefix products ``Q_j = W_{j-1} ⋯ W_1`` (``Q_1 = I``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .kernels import families
 
-# ``Measurements`` in the annotations is flatkern.measurements.Measurements; the formulas only call
-# its methods (contract, predict, ...), so this module imports nothing above it (kernels read it)
+if TYPE_CHECKING:  # annotations only: the formulas call a measurement object's methods, and the
+    # kernels read this module, so it imports nothing above it at run time
+    from .measurements import Measurements
 
 __all__ = [
     "end_to_end_ref", "chain_products_ref", "layer_terms_ref", "layer_terms_and_end_to_end_ref", "layer_terms_and_grad_ref",
-    "hessian_trace_ref", "mse_loss_ref", "trace_scale",
+    "hessian_trace_ref", "mse_loss_ref", "trace_scale", "piecewise_layer_terms_ref", "piecewise_layer_terms_and_grad_ref",
 ]
 
 

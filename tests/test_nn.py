@@ -129,7 +129,7 @@ def test_deeplinear_with_bias_applies_affine_layers():
     torch.testing.assert_close(model(x), (x @ W1.T + c1) @ W2.T + c2)
 
 
-@pytest.mark.parametrize("bad", [nn.ReLU(), nn.Identity(), nn.Conv1d(1, 1, 1)])
+@pytest.mark.parametrize("bad", [nn.Tanh(), nn.LayerNorm(4), nn.Conv1d(1, 1, 1)])
 def test_unsupported_module_raises_naming_it(bad):
     model = nn.Sequential(nn.Linear(3, 4), bad, nn.Linear(4, 2))
     with pytest.raises(TypeError, match=type(bad).__name__):
@@ -196,3 +196,74 @@ def test_no_samples_sum_is_zero_like_plain_torch(loss, bias):
     assert want.item() == 0.0 and got.item() == 0.0 and got.requires_grad
     torch.testing.assert_close(hessian_trace_of(model, x, loss=loss, reduction="sum", per_layer=True),
                                torch.zeros(2, dtype=torch.float64))
+
+
+def _mse_hessian_trace_in_inputs(model, y):
+    """``x ↦ tr ∇²_θ MSELoss(model(x), y)`` from ``torch.func.hessian`` (θ: every parameter, flattened)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(params)
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+
+    def trace(xx):
+        def f(v):
+            chunks, i = {}, 0
+            for n in names:
+                chunks[n] = v[i:i + params[n].numel()].view_as(params[n])
+                i += params[n].numel()
+            return nn.MSELoss()(functional_call(model, chunks, (xx,)), y)
+
+        return hessian(f)(flat).diagonal().sum()
+
+    return trace
+
+
+def test_bias_free_mse_stack_keeps_the_gradient_with_respect_to_the_inputs():
+    # issue 18 item 3: the fast path (Inputs measurement) keeps a private copy of x, so x.grad stayed None
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 2, bias=False)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    trace = _mse_hessian_trace_in_inputs(model, torch.randn(5, 2, dtype=torch.float64))
+    want = torch.func.grad(trace)(x)
+    assert want.norm() > 0.1
+    xx = x.clone().requires_grad_()
+    got = hessian_trace_of(model, xx)
+    got.backward()
+    assert xx.grad is not None
+    torch.testing.assert_close(xx.grad, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got.detach(), trace(x), atol=1e-12, rtol=1e-12)
+    # the value is the fast path's when no gradient in x is asked for
+    torch.testing.assert_close(hessian_trace_of(model, x), got.detach(), atol=0, rtol=1e-13)
+
+
+def test_forward_mode_derivatives_in_the_inputs_match_the_autograd_hessian():
+    # the fast path's op keeps a private copy of x: under jvp / forward_ad its tangent was lost
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 2, bias=False)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    v = torch.randn(5, 3, dtype=torch.float64)
+    want = torch.func.jvp(_mse_hessian_trace_in_inputs(model, torch.randn(5, 2, dtype=torch.float64)), (x,), (v,))[1]
+    assert want.abs() > 1e-3
+    got = torch.func.jvp(lambda xx: hessian_trace_of(model, xx), (x,), (v,))[1]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    with fwAD.dual_level(), torch.no_grad():
+        tangent = fwAD.unpack_dual(hessian_trace_of(model, fwAD.make_dual(x, v))).tangent
+    torch.testing.assert_close(tangent, want, atol=1e-12, rtol=1e-10)
+
+
+def test_a_model_reusing_a_layer_raises_naming_both_positions():
+    # issue 18 item 2: the trace of a tied weight depends on the targets; today it was the untied answer
+    lin = nn.Linear(3, 3, bias=False)
+    with pytest.raises(ValueError, match=r"same nn.Linear object is used at model\[0\] and at model\[1\]"):
+        hessian_trace_of(nn.Sequential(lin, lin), torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"model\[0\] and at model\[1\]\.layers\[0\]"):
+        hessian_trace_of(nn.Sequential(lin, _deep(lin)), torch.randn(4, 3))
+
+
+def _deep(lin):
+    """A DeepLinear whose only layer is ``lin``."""
+    d = DeepLinear([3, 3])
+    d.layers[0] = lin
+    return d
+

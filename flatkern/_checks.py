@@ -70,38 +70,51 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         return bool(mark.as_strided(b.shape, b.stride(), b0 - lo).any())
 
 
-def check_untied(weights, name: str = "weights") -> None:
-    """Raise if two layers share a parameter (the same tensor, or views of the same memory).
+def _storage_key(t: torch.Tensor):
+    """``(device, storage address)`` of ``t``, ``None`` when it reads no memory (empty, meta, no storage)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        return (str(t.device), t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage: nothing to compare
+        return None
 
-    The trace is over the Hessian with respect to every *distinct* parameter: a weight used at two
-    positions adds cross terms between them (which depend on the targets), so the per-position
-    formula would silently answer a different question.
+
+def check_no_shared_memory(named) -> None:
+    """Raise if two of the ``(label, tensor)`` pairs are the same tensor or share an element of memory.
+
+    The one check for tied parameters (``hessian_trace``, ``TraceProblem``, ``FlatnessRegularized``):
+    a layer used at two positions has a Hessian trace with cross terms between them (they depend on
+    the targets), not the per-position trace flatkern computes, and a parameter an optimizer
+    reaches twice is stepped twice.  Exact: distinct slices of one tensor, even interleaved
+    (``W[:, ::2]``, ``W[:, 1::2]``), are distinct parameters.
     """
     if torch.compiler.is_compiling():
-        # storage pointers cannot be traced: the same tensor twice is what a graph can still tell
-        for j, w in enumerate(weights):
-            for i in range(j):
-                if weights[i] is w:
-                    raise ValueError(f"{name}[{i}] (layer W_{i + 1}) and {name}[{j}] (layer W_{j + 1}) share memory "
-                                     f"(the same parameter): the trace of a network whose layers share weights has "
-                                     f"cross terms the per-layer formula does not include")
+        # storage addresses cannot be traced: the same tensor twice is what a graph can still tell
+        for j, (label, t) in enumerate(named):
+            for label_i, u in named[:j]:
+                if u is t:
+                    raise ValueError(f"{label_i} and {label} are the same tensor (tied weights): the trace of a "
+                                     "network whose layers share weights has cross terms flatkern's does not include")
         return
     seen: dict = {}
-    for j, w in enumerate(weights):
-        if w.numel() == 0:
+    for label, t in named:
+        key = _storage_key(t)
+        if key is None:
             continue
-        try:
-            key = (w.device, w.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError):  # a tensor subclass without storage: nothing to compare
-            return
-        for i in seen.get(key, ()):
-            if _overlap(weights[i], w):
+        for label_i, u in seen.get(key, ()):
+            if _overlap(u, t):
                 raise ValueError(
-                    f"{name}[{i}] (layer W_{i + 1}) and {name}[{j}] (layer W_{j + 1}) share memory (the same "
-                    f"parameter, or views of it): the trace of a network whose layers share weights has cross terms "
-                    f"the per-layer formula does not include; pass distinct tensors (e.g. W.clone()) if the layers "
-                    f"are meant to be independent")
-        seen.setdefault(key, []).append(j)
+                    f"{label_i} and {label} are the same tensor or share memory (views of one storage): a layer "
+                    "used at two positions (tied weights) has a Hessian trace that depends on the targets, not the "
+                    "per-position trace flatkern computes, and a parameter reached twice is stepped twice; pass "
+                    "separate tensors (e.g. W.clone()) if the layers are meant to be independent")
+        seen.setdefault(key, []).append((label, t))
+
+
+def check_untied(weights, name: str = "weights") -> None:
+    """``check_no_shared_memory`` for a chain: the layers must be distinct parameters."""
+    check_no_shared_memory([(f"{name}[{j}] (layer W_{j + 1})", w) for j, w in enumerate(weights)])
 
 
 def _check_weights_rules(weights, name: str) -> list[torch.Tensor]:

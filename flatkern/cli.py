@@ -1,27 +1,55 @@
 """The ``flatkern`` command.
 
-    flatkern reproduce [--quick | --full] [--out DIR] [--resume]   the theory, reproduced end to end
-    flatkern bench ...                                              the benchmarks (flatkern.benchmarks)
+    flatkern reproduce [--quick | --full] [--out DIR] [--resume | --overwrite]   the theory, reproduced end to end
+    flatkern bench ...                                                          the benchmarks (flatkern.benchmarks)
 
-``reproduce`` checks every option and the output folder before any work, saves
-each finished task in ``DIR/records.jsonl`` as it finishes, and on Ctrl-C stops
-within a second or two and prints the command that resumes.
-``torchrun --nproc_per_node=K -m flatkern reproduce`` spreads the grid over
-``K`` ranks (they meet through torchrun's store); rank 0 writes the files.
+``flatkern`` alone prints this help.  ``reproduce`` checks every option and the
+output folder before any work (and before it imports torch: a usage error
+costs no more than starting Python), saves each finished task in
+``DIR/records.jsonl`` as it finishes, and on Ctrl-C stops within a second or
+two and prints the command that resumes.  ``torchrun --nproc_per_node=K -m
+flatkern reproduce`` spreads the grid over ``K`` ranks (they meet through
+torchrun's store); rank 0 writes the files.
+
+This module imports only the standard library at its top; torch comes with
+``flatkern.experiments`` once the options are known to be good.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "build_reproduce_parser"]
 
-_BACKENDS = ("auto", "torch", "cpp", "triton")
+_GRIDS = ("quick", "default", "full")  # the names of flatkern.experiments.GRIDS, which imports torch
+
+
+def _backend_names() -> tuple[str, ...]:
+    """The backend names, from ``flatkern.kernels`` (which imports nothing; ``flatkern._checks`` re-exports them)."""
+    from .kernels import BACKENDS
+
+    return tuple(BACKENDS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose unrecognized options name their closest known option (``--quik``: did you mean ``--quick``?)."""
+
+    def parse_args(self, args=None, namespace=None):
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:
+            known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+            words = []
+            for extra in extras:
+                close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1, cutoff=0.6) if extra.startswith("-") else []
+                words.append(f"{extra} (did you mean {close[0]}?)" if close else extra)
+            self.error("unrecognized arguments: " + " ".join(words))
+        return args
 
 
 def _positive_int(text: str) -> int:
@@ -34,14 +62,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flatkern", description="Exact trace of the Hessian for deep linear networks.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _folder(text: str) -> Path:
+    # Path("") is Path("."): an empty --out (an unset shell variable) would write into the current folder
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r} (e.g. --out flatkern-results)")
+    return Path(text)
 
-    rep = commands.add_parser(
-        "reproduce",
-        help="run the experiments: flattest factorization and solution, low-rank recovery, the trace along "
-             "training (results.json, summary.md, figures)",
+
+def build_reproduce_parser() -> argparse.ArgumentParser:
+    """The options of ``flatkern reproduce`` (a parser of its own, so that its errors show its usage)."""
+    rep = _Parser(
+        prog="flatkern reproduce",
         description="Reproduce the theory end to end on generated data: write results.json, summary.md and PNG figures.",
     )
     size = rep.add_mutually_exclusive_group()
@@ -49,33 +80,58 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--full", dest="grid", action="store_const", const="full",
                       help="the larger grid (more sizes, seeds, matrices; tens of minutes: spread it with torchrun)")
     rep.set_defaults(grid="default")
-    rep.add_argument("--out", type=Path, default=Path("flatkern-results"), help="output folder (default: ./flatkern-results/)")
-    # plain torch by default: the records then do not depend on which compiled backends
-    # this installation has (the problems are small enough to be dispatch-bound anyway)
-    rep.add_argument("--backend", default="torch", choices=_BACKENDS,
-                     help="backend of the trace and the chain products (default: torch, for records "
-                          "that do not depend on the installation)")
+    rep.add_argument("--out", type=_folder, default=Path("flatkern-results"), help="output folder (default: ./flatkern-results/)")
+    backends = _backend_names()
+    rep.add_argument("--backend", default="auto", choices=backends, metavar="{" + ",".join(backends) + "}",
+                     help="backend of the trace and the chain products (default: auto, the compiled kernels where "
+                          "this installation has them; results.json holds the digits every backend agrees on)")
     rep.add_argument("--workers", type=_positive_int, default=None,
                      help="local worker processes (default: one per CPU; one per rank under torchrun)")
-    rep.add_argument("--resume", action="store_true",
-                     help="continue an interrupted run from the records it saved in --out (same --out and grid options)")
+    again = rep.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from the records it saved in --out (same --out and grid options)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the finished (or unfinished) run in --out; without it, a run there is never replaced")
     rep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     rep.add_argument("--quiet", action="store_true", help="do not print the summary")
+    rep.set_defaults(error=rep.error)  # `flatkern reproduce: error: ...`, exit status 2
+    return rep
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: what ``flatkern --help`` shows; ``main`` hands each command its own parser."""
+    parser = _Parser(prog="flatkern", description="Exact trace of the Hessian for deep linear networks.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "reproduce",
+        help="run the experiments: flattest factorization and solution, low-rank recovery, the trace along "
+             "training (results.json, summary.md, figures); `flatkern reproduce --help` for its options",
+        add_help=False,
+    )
     # the benchmark module is imported only when `bench` runs, so `reproduce` never needs it
     commands.add_parser("bench", help="run the benchmarks (see `flatkern bench --help`)", add_help=False)
-    rep.set_defaults(error=rep.error)  # `flatkern reproduce: error: ...`, exit status 2
     return parser
 
 
 def _grid_command(args) -> str:
     """The command that reruns this grid (what ``--resume`` needs besides ``--out``)."""
     command = "flatkern reproduce" + ("" if args.grid == "default" else f" --{args.grid}")
-    return command + ("" if args.backend == "torch" else f" --backend {args.backend}")
+    return command + ("" if args.backend == "auto" else f" --backend {args.backend}")
 
 
 def _check_options(args) -> None:
-    """Every option and the output folder, before any work: ``args.error`` (exit 2) on the first that cannot work."""
+    """Every option and the output folder, before any work: ``args.error`` (exit 2) on the first that cannot work.
+
+    Only ``--backend cpp|triton`` imports torch (to ask whether the kernel loads here); the rest is the standard library.
+    """
+    from .experiments.journal import JournalError, check_out
+
+    try:
+        check_out(args.out, resume=args.resume, overwrite=args.overwrite)
+    except JournalError as exc:
+        args.error(f"argument --out: {exc}")
+    except OSError as exc:
+        args.error(f"argument --out: cannot write to {args.out}: {exc.strerror or exc}")
     if args.backend not in ("auto", "torch"):
         from .ops import available_backends
 
@@ -83,12 +139,6 @@ def _check_options(args) -> None:
         if args.backend not in available:
             args.error(f"argument --backend: {args.backend} is not available for CPU tensors in this installation "
                        f"(available: {', '.join(available)})")
-    from .experiments import check_out
-
-    try:
-        check_out(args.out)
-    except OSError as exc:
-        args.error(f"argument --out: cannot write to {args.out}: {exc.strerror or exc}")
 
 
 def _reproduce(args, *, program: bool = False) -> int:
@@ -102,21 +152,23 @@ def _reproduce(args, *, program: bool = False) -> int:
         return 2
     _check_options(args)
 
-    from .experiments import GRIDS, JournalError, distributed_rank, run_grid, write_results
-    from .experiments.journal import remove_journals
+    from . import experiments  # torch, the kernels and the experiments: the options are good
+    from .experiments.journal import JournalError, OutLock, remove_journals
     from .experiments.runner import sigterm_interrupts
 
-    grid = GRIDS[args.grid]
+    grid = experiments.GRIDS[args.grid]
     command = _grid_command(args)
-    rank, world = distributed_rank()
+    rank, world = experiments.distributed_rank()
+    lock = OutLock(args.out) if rank == 0 else None  # rank 0 speaks for the run: one run per --out
     try:
         with sigterm_interrupts():  # a scheduler's SIGTERM stops it as cleanly as Ctrl-C
-            run = run_grid(grid, out=args.out, resume=args.resume, command=command, backend=args.backend,
-                           workers=args.workers, progress=args.progress)
+            run = experiments.run_grid(grid, out=args.out, resume=args.resume, command=command, backend=args.backend,
+                                       workers=args.workers, progress=args.progress, lock=lock, overwrite=args.overwrite)
             if run.records is None:
                 return 0
-            summary = write_results(run.records, args.out, grid=grid.name, seconds=run.seconds, command=command,
-                                    processes=run.processes, resumed=run.resumed, task_seconds=run.task_seconds)
+            summary = experiments.write_results(run.records, args.out, grid=grid.name, seconds=run.seconds,
+                                                command=command, processes=run.processes, resumed=run.resumed,
+                                                task_seconds=run.task_seconds, experiments=[e for e, _ in grid.parts])
             remove_journals(args.out)
     except JournalError as exc:
         if rank == 0:
@@ -130,6 +182,8 @@ def _reproduce(args, *, program: bool = False) -> int:
             print(f"\nflatkern reproduce: {what}; every finished task is saved in {args.out}/records*.jsonl. "
                   f"Resume with:\n  {resume}", file=sys.stderr)
         if isinstance(exc, KeyboardInterrupt):
+            if lock is not None:
+                lock.release()
             if program:
                 # everything is on disk: skip the interpreter's teardown (torch's alone takes
                 # seconds on a loaded machine) so that Ctrl-C ends the command at once
@@ -138,6 +192,9 @@ def _reproduce(args, *, program: bool = False) -> int:
                 os._exit(130)
             return 130
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     if not args.quiet:
         print(summary)
     print(f"wrote {args.out}/results.json, summary.md and figures ({run.seconds:.0f} s on "
@@ -164,10 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; ``argv=None`` (the program itself) reads ``sys.argv`` and may end the process at once on Ctrl-C."""
     program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
+    if not argv:
+        build_parser().print_help()  # `flatkern` alone: what it can do
+        return 0
+    if argv[0] == "bench":
         return _bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    return _reproduce(args, program=program)
+    if argv[0] == "reproduce":
+        return _reproduce(build_reproduce_parser().parse_args(argv[1:]), program=program)
+    parser = build_parser()
+    if argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    close = difflib.get_close_matches(argv[0], ["reproduce", "bench"], n=1)
+    parser.error(f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                 + "; the commands are reproduce and bench")
 
 
 if __name__ == "__main__":

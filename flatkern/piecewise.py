@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_no_shared_memory
+
 __all__ = ["Network", "Layer", "Activation", "walk", "first_input", "forward", "layer_terms", "layer_terms_and_grad", "ROLES"]
 
 
@@ -221,15 +223,6 @@ def _leaf_steps(module: nn.Module, path: str, out: list) -> None:
     out.append((ROLES[base], module, path))
 
 
-def _storage_span(t: torch.Tensor):
-    """``(storage key, first byte, end byte)`` that ``t`` may touch; ``None`` where it has no real storage."""
-    if t.device.type == "meta" or t.numel() == 0:
-        return None
-    extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    start = t.storage_offset() * t.element_size()
-    return t.untyped_storage().data_ptr(), start, start + extent * t.element_size()
-
-
 def _check_not_shared(layers: list[Layer]) -> None:
     """One module object, parameter or stretch of memory at two positions: a tied weight, where the
     per-position formula does not hold (issue 18 item 2): raise, naming both positions."""
@@ -243,21 +236,9 @@ def _check_not_shared(layers: list[Layer]) -> None:
                 "use separate layers"
             )
         seen[id(layer.linear)] = layer.path
-    spans = []
-    for layer in layers:
-        for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
-            if p is None:
-                continue
-            span = _storage_span(p)
-            where = f"{layer.path}.{kind}"
-            for other_where, other in spans:
-                if other is not None and span is not None and span[0] == other[0] and span[1] < other[2] and other[1] < span[2]:
-                    raise ValueError(
-                        f"hessian_trace_of: {other_where} and {where} share memory (a tied or aliased parameter): "
-                        "a weight used at two positions has cross terms in the Hessian trace that depend on the "
-                        "targets, so no target-free trace exists; give each layer its own parameters"
-                    )
-            spans.append((where, span))
+    # the one check for parameters that share memory (flatkern._checks), named by module path
+    check_no_shared_memory([(f"{layer.path}.{kind}", p) for layer in layers
+                            for kind, p in (("weight", layer.weight), ("bias", layer.bias)) if p is not None])
 
 
 def walk(model: nn.Module, name: str = "model") -> Network:

@@ -10,15 +10,63 @@
 - ``trajectory``: the exact trace along training (gd, label noise, SAM,
   flatness) over the flattest solution's, and what tracking it costs.
 
+Each experiment is one module following ``base.Experiment`` (settings per grid,
+typed task keys, run, cost, table, figure, summary section) and one line in
+``REGISTRY`` below; the grids (``grid.py``), the runner, the journal and the
+report are generic.  To add an experiment: write ``<name>.py`` with an
+``Experiment`` subclass instance, add its line here, and run
+``python -m pytest tests/test_experiments.py``.
+
 ``run_grid(GRIDS[name], out=...)`` runs the tasks (journaled in ``out`` as they
 finish, resumable) and returns the records; ``write_results`` writes
 ``results.json``, ``summary.md``, ``timings.json`` and the figures, each atomically.
+
+Nothing here imports torch until an experiment or the runner is used: the
+command line checks its options and ``--out`` (``journal.check_out``) first.
 """
 
-from .grid import GRIDS, Grid, run_task, tasks_of
-from .journal import JournalError, check_out
-from .report import FIGURES, summary_markdown, write_results
-from .runner import Run, distributed_rank, run_grid
+from __future__ import annotations
 
-__all__ = ["GRIDS", "Grid", "run_grid", "run_task", "tasks_of", "Run", "distributed_rank", "JournalError", "check_out",
-           "FIGURES", "summary_markdown", "write_results"]
+import importlib
+
+# The registry: one line per experiment, "module:instance", in the order of results.json.
+REGISTRY = (
+    "flattest:FLATTEST",
+    "recovery:SENSING",
+    "recovery:COMPLETION",
+    "trajectory:TRAJECTORY",
+)
+
+# what each public name is imported from, when first used (PEP 562)
+_LAZY = {
+    "GRIDS": "grid", "Grid": "grid", "run_task": "grid", "tasks_of": "grid", "task_cost": "grid",
+    "FIGURES": "report", "summary_markdown": "report", "write_results": "report",
+    "Run": "runner", "distributed_rank": "runner", "run_grid": "runner",
+    "JournalError": "journal", "check_out": "journal", "OutLock": "journal",
+    "Experiment": "base",
+}
+
+__all__ = ["REGISTRY", "experiments", *_LAZY]
+
+_experiments: dict | None = None
+
+
+def experiments() -> dict:
+    """``{name: Experiment}`` of every registry line, in registry order (imports the experiment modules)."""
+    global _experiments
+    if _experiments is None:
+        found = {}
+        for line in REGISTRY:
+            module, attribute = line.split(":")
+            experiment = getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
+            found[experiment.name] = experiment
+        _experiments = found
+    return _experiments
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

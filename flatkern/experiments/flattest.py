@@ -20,18 +20,24 @@ Methods (``ratio`` = Isotropic trace / lower bound at the reached ``E``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ..measurements import Isotropic
 from ..ops import end_to_end, hessian_trace
 from ..theory import flatness_lower_bound
+from .base import COMMON_FIELDS, INT, NUMBER, STYLE, Experiment, fit, fmt, mean, pyplot
 from .baselines import balanced_factorization
 from .recovery import _generator
 from .training import standard_init, train_flatness, train_gd
 
-__all__ = ["FlattestSettings", "make_matrix", "run_flattest"]
+__all__ = ["FlattestSettings", "FlattestGrid", "FlattestTask", "FLATTEST", "METHODS", "make_matrix", "run_flattest"]
+
+METHODS = ("flattest_solution", "flatness", "balanced", "weight_decay")
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ def run_flattest(shape: tuple[int, int], rank: int, depth: int, seed: int, setti
     records = [_record("flatness", W, M, depth, backend)]
     from .solution import solve_flattest
 
-    W, report = solve_flattest(iso, M, widths, backend=backend)
+    W, report = solve_flattest(iso, M, widths)  # on the reference backend: solution.py says why
     records.insert(0, dict(_record("flattest_solution", W, M, depth, backend), **report))
     records.append(_record("balanced", balanced_factorization(M, widths), M, depth, backend))
     W = standard_init(widths, generator=g)
@@ -93,3 +99,112 @@ def run_flattest(shape: tuple[int, int], rank: int, depth: int, seed: int, setti
     records.append(_record("weight_decay", W, M, depth, backend))
     return [dict(experiment="flattest", depth=depth, n=None, seed=seed, rel_error=None,
                  shape=list(shape), rank=rank, **r) for r in records]
+
+
+# ---------------------------------------------------------------- the experiment (base.py's protocol)
+
+
+class FlattestTask(NamedTuple):
+    experiment: str   # "flattest"
+    shape: tuple      # (d_L, d_0) of M
+    rank: int
+    depth: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class FlattestGrid:
+    """The sweep (matrices, depths, seeds) and the budget of one grid's ``flattest`` experiment."""
+
+    matrices: tuple = (((8, 8), 2), ((10, 6), 3))   # (shape (d_L, d_0), rank)
+    depths: tuple = (2, 3, 4, 5)
+    seeds: tuple = (0,)
+    budget: FlattestSettings = field(default_factory=lambda: FlattestSettings(steps=1500, polish_steps=200))
+
+
+class Flattest(Experiment):
+    """Trace over the theorem's minimum for factorizations of a fixed ``M`` (``ratio``; 1 is the flattest)."""
+
+    name = "flattest"
+    figure_name = "flattest_ratio.png"
+    Task = FlattestTask
+    settings = {
+        "quick": FlattestGrid(matrices=(((8, 8), 2),), depths=(2, 3, 4),
+                              budget=FlattestSettings(steps=600, polish_steps=100)),
+        "default": FlattestGrid(),
+        "full": FlattestGrid(matrices=(((8, 8), 2), ((10, 6), 3), ((12, 12), 4)), seeds=(0, 1),
+                             budget=FlattestSettings(steps=3000, polish_steps=300)),
+    }
+    fields = dict(COMMON_FIELDS, rel_error=(type(None),), shape=(list,), rank=INT, fit_error=NUMBER, nuclear_norm=NUMBER,
+                  trace=NUMBER, trace_isotropic=NUMBER, lower_bound=NUMBER, ratio=NUMBER)
+
+    def tasks(self, s: FlattestGrid) -> list[FlattestTask]:
+        return [FlattestTask(self.name, tuple(shape), rank, depth, seed)
+                for shape, rank in s.matrices for depth in s.depths for seed in s.seeds]
+
+    def methods(self, task: FlattestTask) -> tuple[str, ...]:
+        return METHODS
+
+    def run(self, task: FlattestTask, s: FlattestGrid, backend: str) -> list[dict]:
+        return run_flattest(task.shape, task.rank, task.depth, task.seed, s.budget, backend)
+
+    def cost(self, task: FlattestTask, s: FlattestGrid) -> float:
+        # measured: 0.9 s at L = 2 and 1.5 s at L = 3 with the quick budget (600 steps)
+        b = s.budget
+        steps = b.steps * max(1, task.depth - 2) + b.steps // 2 + 2 * b.polish_steps
+        return 4e-4 * task.depth * steps * (task.shape[0] * task.shape[1] / 64)
+
+    def table(self, records: list[dict]) -> dict:
+        """``{depth: {method: mean ratio over matrices and seeds}}``."""
+        ratios = defaultdict(list)
+        for r in records:
+            ratios[(r["depth"], r["method"])].append(r["ratio"])
+        table = defaultdict(dict)
+        for (depth, method), values in ratios.items():
+            table[depth][method] = mean(values)
+        return dict(sorted(table.items()))
+
+    def summary_section(self, records: list[dict]) -> list[str]:
+        flat = self.table(records)
+        methods = [m for m in METHODS if any(m in row for row in flat.values())]
+        problems = len({(tuple(r["shape"]), r["rank"], r["seed"]) for r in records})
+        lines = [
+            "## flattest: trace of the Hessian over the theorem's minimum",
+            "",
+            "`ratio = tr ∇²L / (2 L (d_0 d_L)^{1/L} ‖E‖_*^{2-2/L})` for an `Isotropic` loss; 1 is the flattest",
+            "factorization. `flattest_solution` solves for it (least trace subject to `E = M`); `flatness` trains",
+            "toward it with `FlatnessRegularized`."
+            + (f" Mean over {problems} random matrices." if problems > 1 else " One random matrix."),
+            "",
+            "| depth | " + " | ".join(methods) + " |",
+            "|---|" + "---|" * len(methods),
+        ]
+        for depth, row in flat.items():
+            lines.append(f"| {depth} | " + " | ".join(fmt(row.get(m, math.nan)) for m in methods) + " |")
+        lines.append("")
+        return lines
+
+    def figure(self, records: list[dict]):
+        """``trace / lower bound`` against depth, per method (1 = the flattest factorization)."""
+        plt = pyplot()
+        table = self.table(records)
+        depths = sorted(table)
+        fig, ax = plt.subplots(figsize=(6.0, 4.4))
+        for method in METHODS:
+            ys = [table[d].get(method, math.nan) for d in depths]
+            if not all(math.isnan(y) for y in ys):
+                ax.plot(depths, ys, label=method, **STYLE[method])
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(depths)
+        ax.set_xlabel("depth L")
+        ax.set_ylabel(r"$\mathrm{tr}\,\nabla^2 L \;/\; 2L(d_0 d_L)^{1/L}\Vert E\Vert_*^{2-2/L}$")
+        problems = len({(tuple(r["shape"]), r["rank"], r["seed"]) for r in records})
+        ax.set_title(fit("Factorizations of a fixed M: trace of the Hessian over the theorem's minimum (1 = flattest)"
+                         + (f"; mean over {problems} matrices" if problems > 1 else ""), 5.4, 11), fontsize=11)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        return fig
+
+
+FLATTEST = Flattest()

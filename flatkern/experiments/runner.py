@@ -12,6 +12,10 @@ can block a stop): rank 0 checks the journals and publishes which tasks
 remain, every rank claims the next task from a shared counter (a fast rank
 takes more), and at the end each rank hands its records to rank 0 through the
 store; rank 0 writes the results.
+
+A worker exits when its coordinator dies (``kill -9`` included): the kernel
+kills it (``PR_SET_PDEATHSIG`` on Linux), and a watcher thread that sees its
+parent change ends it anywhere else.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .grid import Grid, run_task, task_cost, tasks_of
-from .journal import Journal, JournalError, prepare
+from .journal import Journal, JournalError, OutLock, prepare
 
 __all__ = ["Run", "run_grid", "distributed_rank", "sigterm_interrupts"]
 
@@ -56,9 +60,29 @@ def distributed_rank() -> tuple[int, int]:
 # ---------------------------------------------------------------- worker processes
 
 
-def _worker_main(conn, grid: Grid, backend: str) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """End this process when ``parent`` (the coordinator) dies, so no orphan keeps computing."""
+    try:
+        import ctypes
+
+        # PR_SET_PDEATHSIG = 1: the kernel sends SIGKILL when the parent dies (Linux)
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the watcher below does it
+
+    def watch():
+        # also covers a parent that died before prctl took effect (we were re-parented already)
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="flatkern-parent-watch", daemon=True).start()
+
+
+def _worker_main(conn, grid: Grid, backend: str, parent: int) -> None:
     # the coordinator stops workers (SIGTERM); a Ctrl-C that reaches the whole process group is its to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(parent)
     # one thread per task: the problems are far too small to gain from more, and a fixed
     # thread count keeps every floating-point reduction, hence every record, identical
     torch.set_num_threads(1)
@@ -112,7 +136,7 @@ class _Pool:
             try:
                 for _ in range(n):
                     parent, child = ctx.Pipe()
-                    proc = ctx.Process(target=_worker_main, args=(child, grid, backend), daemon=True)
+                    proc = ctx.Process(target=_worker_main, args=(child, grid, backend, os.getpid()), daemon=True)
                     proc.start()
                     child.close()
                     self.workers.append((proc, parent))
@@ -123,7 +147,7 @@ class _Pool:
         self.idle = list(self.workers)
         self.used: set[int] = set()
 
-    def submit(self, index: int, task: tuple) -> None:
+    def submit(self, index: int, task) -> None:
         proc, conn = self.idle.pop()
         conn.send((index, task))
         self.busy[conn] = (proc, index)
@@ -169,18 +193,19 @@ class _Pool:
 
 
 class _Local:
-    """Task claims and progress for one process."""
+    """Task claims and progress (tasks, and their cost in ms) for one process."""
 
     def __init__(self):
-        self.next = self.total = 0
+        self.next = self.total = self.cost = 0
 
     def claim(self) -> int:
         self.next += 1
         return self.next - 1
 
-    def finished(self, count: int) -> int:
+    def finished(self, count: int, cost_ms: int) -> tuple[int, int]:
         self.total += count
-        return self.total
+        self.cost += cost_ms
+        return self.total, self.cost
 
 
 class _Ranks:
@@ -192,8 +217,34 @@ class _Ranks:
     def claim(self) -> int:
         return int(self.store.add("next", 1)) - 1
 
-    def finished(self, count: int) -> int:
-        return int(self.store.add("finished", count))
+    def finished(self, count: int, cost_ms: int) -> tuple[int, int]:
+        return int(self.store.add("finished", count)), int(self.store.add("finished_cost", cost_ms))
+
+
+class _Progress:
+    """A progress bar that advances by the tasks' estimated cost (``Experiment.cost``), not their count.
+
+    The longest tasks go first, so a bar by count would barely move at first and
+    then race; by cost its estimate of the time left is honest from the first task on.
+    """
+
+    def __init__(self, total_ms: int, tasks: int, desc: str, disable: bool):
+        from tqdm import tqdm
+
+        self.tasks, self.desc = tasks, desc
+        # the time left is tqdm's: (work left) / (work done per second so far), the work in estimated seconds
+        self.bar = tqdm(total=total_ms / 1000, desc=f"{desc} 0/{tasks} tasks", disable=disable, smoothing=0,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, by estimated cost]")
+        self.done_ms = 0
+
+    def show(self, count: int, cost_ms: int) -> None:
+        if cost_ms != self.done_ms:
+            self.bar.set_description_str(f"{self.desc} {count}/{self.tasks} tasks", refresh=False)
+            self.bar.update((cost_ms - self.done_ms) / 1000)
+            self.done_ms = cost_ms
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _wait_key(store, key: str) -> bytes:
@@ -212,6 +263,8 @@ def run_grid(
     backend: str = "auto",
     workers: int | None = None,
     progress: bool = True,
+    lock: OutLock | None = None,
+    overwrite: bool = False,
 ) -> Run:
     """Run ``grid`` on ``workers`` local worker processes, or spread over torchrun's ranks.
 
@@ -222,9 +275,10 @@ def run_grid(
     one per CPU, or one per rank under torchrun).  Returns a ``Run`` with the
     records in task order on rank 0.  SIGINT or SIGTERM stop it within a
     fraction of a second with ``KeyboardInterrupt``, the workers terminated.
+    ``lock``: acquired on rank 0 before the journals are read (``JournalError``
+    if another run holds it), released by the caller once the results are written.
+    ``overwrite``: a fresh run may discard an unfinished run's journals.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     rank, world = distributed_rank()
     if workers is None:
@@ -241,7 +295,10 @@ def run_grid(
     kept: dict[int, dict] = {}
     if rank == 0:
         try:
-            kept = prepare(out, grid, tasks, backend, resume=resume, command=command) if out is not None else {}
+            if lock is not None:
+                lock.acquire()
+            kept = (prepare(out, grid, tasks, backend, resume=resume, command=command, overwrite=overwrite)
+                    if out is not None else {})
         except JournalError as exc:
             if store is not None:
                 store.set("plan", json.dumps({"error": str(exc)}))
@@ -253,14 +310,16 @@ def run_grid(
         if "error" in plan:
             raise JournalError(plan["error"])
         kept = dict.fromkeys(plan["done"])
-    remaining = sorted((i for i in range(len(tasks)) if i not in kept), key=lambda i: -task_cost(tasks[i]))
+    cost_ms = [max(1, round(1000 * task_cost(task, grid))) for task in tasks]
+    remaining = sorted((i for i in range(len(tasks)) if i not in kept), key=lambda i: -cost_ms[i])
     shared = _Ranks(store) if store is not None else _Local()
     journal = Journal(out, rank, grid, tasks, backend, command) if out is not None else None
     done: dict[int, list[dict]] = {}
     task_seconds = 0.0
     pool = None
-    bar = tqdm(total=len(remaining), desc=f"flatkern reproduce ({grid.name}" + (f", {world} ranks)" if world > 1 else ")"),
-               unit="task", disable=not progress or rank != 0)
+    bar = _Progress(sum(cost_ms[i] for i in remaining), len(remaining),
+                    f"flatkern reproduce ({grid.name}" + (f", {world} ranks)" if world > 1 else ")"),
+                    disable=not progress or rank != 0)
     try:
         with sigterm_interrupts():
             n_workers = min(workers, len(remaining))
@@ -275,7 +334,7 @@ def run_grid(
                     pool.submit(remaining[claim], tasks[remaining[claim]])
                 if pool is None or not pool.busy:
                     break
-                count = 0
+                count = cost = 0
                 for index, records, seconds in pool.results(timeout=0.25):
                     # a stop between receiving a task and saving it would lose it
                     with _signals_blocked(signal.SIGINT, signal.SIGTERM):
@@ -284,9 +343,9 @@ def run_grid(
                         done[index] = records
                     task_seconds += seconds
                     count += 1
-                total = shared.finished(count)
-                if rank == 0 and bar.n != total:
-                    bar.update(total - bar.n)
+                    cost += cost_ms[index]
+                if rank == 0 or count:
+                    bar.show(*shared.finished(count, cost))
             if pool is not None:
                 pool.close(terminate=False)
             processes = len(pool.used) if pool is not None else 0
@@ -299,7 +358,7 @@ def run_grid(
                     key = f"records/{other}"
                     while not store.check([key]):  # polled, so that Ctrl-C is seen
                         time.sleep(0.05)
-                        bar.update(shared.finished(0) - bar.n)
+                        bar.show(*shared.finished(0, 0))
                     part = json.loads(store.get(key))
                     done.update({int(i): r for i, r in part["done"].items()})
                     processes += part["processes"]

@@ -28,16 +28,19 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ..ops import end_to_end, hessian_trace, mse_loss
+from .base import COMMON_FIELDS, INT, NUMBER, STYLE, Experiment, figure_legend, fmt, pyplot, seconds, suptitle
 from .recovery import RecoverySettings, _generator, make_problem
 from .solution import solve_flattest
 from .training import kernel_norm, standard_init, train_flatness, train_gd
 
-__all__ = ["TrajectorySettings", "METHODS", "log_steps", "run_trajectory"]
+__all__ = ["TrajectorySettings", "TrajectoryGrid", "TrajectoryTask", "TRAJECTORY", "METHODS", "log_steps", "run_trajectory"]
 
 METHODS = ("gd", "label_noise", "sam", "flatness")
 
@@ -123,7 +126,7 @@ def run_trajectory(depth: int, seed: int, settings: TrajectorySettings, recovery
     d = recovery.d
     widths = [d] * (depth + 1)
     kappa = kernel_norm(meas)
-    flattest, report = solve_flattest(meas, b, widths, trace_of=meas, backend=backend,
+    flattest, report = solve_flattest(meas, b, widths, trace_of=meas,  # on the reference backend: solution.py says why
                                       tol=recovery.solution_tol, max_outer=recovery.solution_max_outer,
                                       max_inner=recovery.solution_max_inner)
     with torch.no_grad():
@@ -159,3 +162,146 @@ def run_trajectory(depth: int, seed: int, settings: TrajectorySettings, recovery
             reference_solve_seconds=report["solve_seconds"],
         ))
     return records
+
+
+# ---------------------------------------------------------------- the experiment (base.py's protocol)
+
+
+class TrajectoryTask(NamedTuple):
+    experiment: str   # "trajectory"
+    depth: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrajectoryGrid:
+    """The sweep (depths, seeds), the run and the problem (``sensing``'s, at ``run.n``) of one grid's trajectories."""
+
+    depths: tuple = (2, 3, 4)
+    seeds: tuple = (0,)
+    run: TrajectorySettings = field(default_factory=TrajectorySettings)
+    problem: RecoverySettings = field(default_factory=RecoverySettings)
+
+
+def _at_step(record: dict, step: int) -> float:
+    """The ratio at the recorded step nearest to ``step`` (log scale)."""
+    i = min(range(len(record["steps"])), key=lambda k: abs(math.log(record["steps"][k] / step)))
+    return record["ratios"][i]
+
+
+# the ratio compares flatness only among zero-loss points: off zero loss a smaller trace is not flatter
+_ZERO_LOSS_NOTE = ("the ratio compares flatness only at zero loss: early in training, far from zero loss, "
+                   "it can sit below 1")
+
+
+class Trajectory(Experiment):
+    """The exact trace along training over the flattest zero-loss solution's, and what tracking it costs."""
+
+    name = "trajectory"
+    figure_name = "trajectory.png"
+    Task = TrajectoryTask
+    settings = {
+        "quick": TrajectoryGrid(depths=(2, 3), run=TrajectorySettings(steps=1000, points=24),
+                                problem=RecoverySettings(steps=600, polish_steps=200)),
+        "default": TrajectoryGrid(),
+        "full": TrajectoryGrid(seeds=(0, 1), run=TrajectorySettings(steps=10000, points=40),
+                               problem=RecoverySettings(steps=2000, polish_steps=500)),
+    }
+    fields = dict(COMMON_FIELDS, depth=INT, n=INT, d=INT, rank=INT, steps=(list,), ratios=(list,), losses=(list,),
+                  ratio=NUMBER, reference_trace=NUMBER, rel_error=NUMBER, nuclear_norm=NUMBER, train_loss=NUMBER,
+                  reference_converged=(bool,), reference_feasibility=NUMBER)
+
+    def tasks(self, s: TrajectoryGrid) -> list[TrajectoryTask]:
+        return [TrajectoryTask(self.name, depth, seed) for depth in s.depths for seed in s.seeds]
+
+    def methods(self, task: TrajectoryTask) -> tuple[str, ...]:
+        return METHODS
+
+    def run(self, task: TrajectoryTask, s: TrajectoryGrid, backend: str) -> list[dict]:
+        return run_trajectory(task.depth, task.seed, s.run, s.problem, backend)
+
+    def cost(self, task: TrajectoryTask, s: TrajectoryGrid) -> float:
+        # measured: 11 s at L = 2 and 19 s at L = 3 for 1000 steps of each method (the quick run)
+        return (0.011 + 0.008 * (task.depth - 2)) * (s.run.steps + s.run.timing_steps) * (s.problem.d / 20) ** 2
+
+    def table(self, records: list[dict]) -> dict:
+        """``{depth: {method: record}}`` (the first seed)."""
+        table = defaultdict(dict)
+        for r in records:
+            table[r["depth"]].setdefault(r["method"], r)
+        return dict(sorted(table.items()))
+
+    def summary_section(self, records: list[dict]) -> list[str]:
+        traj = self.table(records)
+        any_record = next(iter(next(iter(traj.values())).values()))
+        last = max(any_record["steps"])
+        marks = [s for s in (10, 100, 1000, 10000) if s < last] + [last]
+        seeds = sorted({r["seed"] for r in records})
+        lines = [
+            "## trajectory: the exact trace along training, over the flattest solution's",
+            "",
+            f"Gaussian sensing (n = {any_record['n']}, rank-{any_record['rank']} {any_record['d']}×{any_record['d']} `M*`), "
+            "every method from the same start. `ratio = tr ∇²L(W_t) / tr ∇²L(W_flattest)`, both the exact trace of "
+            "the training loss, `W_flattest` = `flattest_solution` for the same measurements (least training-loss trace "
+            f"at zero loss): at zero loss 1 is the flattest, and {_ZERO_LOSS_NOTE}. "
+            f"{len(any_record['steps'])} log-spaced steps per run "
+            "(`trajectory.png`); the last 10% of the steps are noise-free / unregularized."
+            + (f" The table shows seed {seeds[0]} of {len(seeds)}." if len(seeds) > 1 else ""),
+            "",
+            "| depth | method | " + " | ".join(f"step {s}" for s in marks) + " | final loss | ‖E − M*‖/‖M*‖ |",
+            "|---|---|" + "---|" * (len(marks) + 2),
+        ]
+        for depth, row in traj.items():
+            for method in METHODS:
+                if method in row:
+                    r = row[method]
+                    lines.append(f"| {depth} | {method} | " + " | ".join(fmt(_at_step(r, s)) for s in marks)
+                                 + f" | {r['train_loss']:.1e} | {fmt(r['rel_error'])} |")
+        lines += [
+            "",
+            "**What tracking the exact trace cost** (one thread, medians). The exact trace (the training loss's, `Dense` "
+            "measurements) was evaluated after each of 100 `gd` steps, interleaved so that both see the same load on the "
+            "machine; the last column is what evaluating it at every step would add, in `gd` steps. Each method's own "
+            "step, median over its run, for scale.",
+            "",
+            "| depth | exact trace, per evaluation | gd step (interleaved) | trace / gd step | "
+            + " | ".join(f"{m} step" for m in METHODS) + " |",
+            "|---|---|---|---|" + "---|" * len(METHODS),
+        ]
+        for depth, row in traj.items():
+            first = next(iter(row.values()))
+            if "trace_seconds" not in first:
+                continue  # records without their wall times (read back from results.json)
+            steps = [seconds(row[m]["step_seconds"]) if m in row else "—" for m in METHODS]
+            lines.append(f"| {depth} | {seconds(first['trace_seconds'])} | {seconds(first['tracked_step_seconds'])} | "
+                         f"{first['trace_seconds'] / first['tracked_step_seconds']:.2f}× | " + " | ".join(steps) + " |")
+        lines.append("")
+        return lines
+
+    def figure(self, records: list[dict]):
+        """The trace ratio along training, log-scale steps, one panel per depth (a line at 1: the flattest solution)."""
+        plt = pyplot()
+        table = self.table(records)
+        depths = sorted(table)
+        fig, axes = plt.subplots(1, len(depths), figsize=(max(4.6 * len(depths), 6.4), 4.8), sharey=True, squeeze=False)
+        for ax, depth in zip(axes[0], depths):
+            for method in METHODS:
+                if method in table[depth]:
+                    r = table[depth][method]
+                    style = dict(STYLE[method], markersize=3)
+                    ax.plot(r["steps"], r["ratios"], label=method, **style)
+            ax.axhline(1.0, color="gray", linewidth=1.0, linestyle="--")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"depth L = {depth}")
+            ax.set_xlabel("training step")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].set_ylabel(r"$\mathrm{tr}\,\nabla^2 L(W_t) \;/\; \mathrm{tr}\,\nabla^2 L(W_\mathrm{flattest})$")
+        any_record = next(iter(next(iter(table.values())).values()))
+        suptitle(fig, f"Exact trace of the Hessian along training, over that of the flattest zero-loss solution "
+                      f"(Gaussian sensing, n={any_record['n']}; at zero loss 1 = flattest; {_ZERO_LOSS_NOTE})")
+        figure_legend(fig, axes[0])  # and the layout
+        return fig
+
+
+TRAJECTORY = Trajectory()

@@ -1,0 +1,157 @@
+"""The experiment registry and protocol (issue 17 §6): every row complete, the generic runner equal to the experiments.
+
+Also home of ``Hold``, a test experiment whose one task waits until a file
+exists: a run that contains it cannot finish before the test lets it, so the
+Ctrl-C and kill tests of ``tests/test_reproduce.py`` interrupt a run that is
+certainly still running (no race with a fast machine).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from flatkern import experiments as registry
+from flatkern.experiments import GRIDS, REGISTRY, experiments, run_task, tasks_of
+from flatkern.experiments.base import COMMON_FIELDS, Experiment
+from flatkern.experiments.grid import GRID_NAMES, Grid, grid_of, task_cost
+
+# ---------------------------------------------------------------- Hold: a task that waits for the test
+
+
+class HoldTask(NamedTuple):
+    experiment: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class HoldSettings:
+    release: str          # the task returns once this path exists
+    seeds: tuple = (0,)
+
+
+class Hold(Experiment):
+    name = "hold"
+    Task = HoldTask
+    fields = COMMON_FIELDS
+
+    def tasks(self, s):
+        return [HoldTask(self.name, seed) for seed in s.seeds]
+
+    def methods(self, task):
+        return ("wait",)
+
+    def run(self, task, s, backend):
+        while not Path(s.release).exists():
+            time.sleep(0.02)
+        return [dict(experiment=self.name, method="wait", depth=None, n=None, seed=task.seed)]
+
+    def cost(self, task, s):
+        return 1e6  # first, so that a worker holds it from the start
+
+    def table(self, records):
+        return {}
+
+    def summary_section(self, records):
+        return [f"## hold: {len(records)} records", ""]
+
+
+HOLD = Hold()
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_every_registry_row_is_a_complete_experiment():
+    found = experiments()
+    assert len(found) == len(REGISTRY) >= 4
+    for name, e in found.items():
+        assert isinstance(e, Experiment) and e.name == name, name
+        # every protocol method is the experiment's own, not the base class's NotImplementedError
+        for method in ("tasks", "methods", "run", "cost", "table", "summary_section"):
+            assert getattr(type(e), method) is not getattr(Experiment, method), (name, method)
+        if e.figure_name is not None:
+            assert e.figure_name.endswith(".png") and type(e).figure is not Experiment.figure, name
+        assert set(e.settings) <= set(GRID_NAMES) and "default" in e.settings, (name, set(e.settings))
+        assert set(COMMON_FIELDS) <= set(e.fields), name
+        assert all(isinstance(t, tuple) and all(isinstance(x, type) for x in t) for t in e.fields.values()), name
+        for grid_name, settings in e.settings.items():
+            hash(settings)  # frozen: part of the grid's fingerprint
+            tasks = e.tasks(settings)
+            assert tasks and len(set(tasks)) == len(tasks), (name, grid_name)
+            for task in tasks:
+                assert isinstance(task, e.Task) and hasattr(task, "_fields") and task._fields[0] == "experiment", task
+                assert task.experiment == name
+                assert json.loads(json.dumps(task)) == json.loads(json.dumps(list(task)))  # what the journal stores
+                assert e.cost(task, settings) > 0 and e.methods(task), task
+
+
+def test_grids_are_made_of_the_registered_experiments_in_registry_order():
+    for name in GRID_NAMES:
+        assert [e.name for e, _ in GRIDS[name].parts] == [e.name for e in experiments().values() if name in e.settings]
+    tiny = grid_of("tiny", flattest=experiments()["flattest"].settings["quick"])
+    assert [e.name for e, _ in tiny.parts] == ["flattest"]
+    with pytest.raises(ValueError, match="no registered experiment"):
+        grid_of("quick", flatest=None)
+
+
+def test_the_registry_imports_no_experiment_until_asked():
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.util, types, pathlib\n"
+            "root = pathlib.Path(importlib.util.find_spec('flatkern').origin).parent\n"
+            "pkg = types.ModuleType('flatkern'); pkg.__path__ = [str(root)]; sys.modules['flatkern'] = pkg\n"
+            "import flatkern.experiments, flatkern.experiments.journal\n"
+            "print('torch' in sys.modules, 'flatkern.experiments.flattest' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------- the generic runner is the experiments' own functions
+
+
+def test_generic_tasks_and_records_are_the_experiment_functions_own():
+    from flatkern.experiments.flattest import FlattestGrid, FlattestSettings, run_flattest
+    from flatkern.experiments.recovery import (RecoveryGrid, RecoverySettings, run_flattest_solution, run_networks,
+                                               run_nuclear_norm)
+    from flatkern.experiments.report import without_timings
+
+    problem = RecoverySettings(d=6, rank=1, steps=20, polish_steps=5, solution_max_outer=3, solution_max_inner=20)
+    grid = grid_of("tiny", flattest=FlattestGrid(matrices=(((4, 3), 1),), depths=(2,), budget=FlattestSettings(steps=20, polish_steps=5)),
+                   sensing=RecoveryGrid(depths=(2,), ns=(12,), problem=problem))
+    tasks = tasks_of(grid)
+    assert [tuple(t) for t in tasks] == [("flattest", (4, 3), 1, 2, 0), ("sensing", "nuclear_norm", None, 12, 0),
+                                         ("sensing", "networks", 2, 12, 0), ("sensing", "flattest_solution", 2, 12, 0)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        by_hand = [run_flattest((4, 3), 1, 2, 0, FlattestSettings(steps=20, polish_steps=5), "torch"),
+                   run_nuclear_norm("sensing", 12, 0, problem),
+                   run_networks("sensing", 2, 12, 0, problem, "torch"),
+                   run_flattest_solution("sensing", 2, 12, 0, problem, "torch")]
+        for task, expected in zip(tasks, by_hand, strict=True):
+            assert without_timings(run_task(task, grid, "torch")) == without_timings(expected), task
+    finally:
+        torch.set_num_threads(threads)
+    assert task_cost(tasks[0], grid) > 0
+
+
+def test_a_grid_refuses_parts_that_are_not_experiments():
+    with pytest.raises(ValueError, match="Grid.parts"):
+        Grid("x", (("flattest", None),))
+    with pytest.raises(ValueError, match="distinct"):
+        Grid("x", ((HOLD, HoldSettings("a")), (HOLD, HoldSettings("b"))))
+
+
+def test_the_registry_module_names_every_line():
+    assert registry.REGISTRY == REGISTRY
+    for line in REGISTRY:
+        module, attribute = line.split(":")
+        assert (Path(registry.__file__).parent / f"{module}.py").exists() and attribute.isupper(), line

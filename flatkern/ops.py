@@ -77,8 +77,9 @@ def end_to_end(weights, *, backend: str = "auto") -> torch.Tensor:
     # op would only add dispatch overhead (measured 2x slower at d = 30)
     if backend in ("auto", "torch"):
         return reference.end_to_end_ref(weights)
-    # the error if the kernel cannot run here (forward mode included); Triton's E is the cuBLAS chain
-    route = routing.resolve(backend, weights, families.ISOTROPIC)
+    # the error if the kernel cannot run here (the C++ E has no forward-mode rule; Triton's E is the
+    # cuBLAS chain in plain torch, which has every derivative)
+    route = routing.resolve(backend, weights, families.ISOTROPIC, transforms=backend == "cpp")
     if backend == "cpp" and route == "op":
         return schemas.end_to_end(_contiguous(weights))
     return reference.end_to_end_ref(weights)

@@ -622,3 +622,14 @@ def test_without_the_regularizer_the_same_fit_is_not_flattest():
     ws = _fit_isotropic(M, 3, lam_start=1e-12, lam_end=1e-12)
     assert float(flatkern.mse_loss(ws, flatkern.Isotropic(), M)) < 1e-3 * float(M.square().sum())
     assert float(flatkern.hessian_trace(ws, flatkern.Isotropic()) / flatkern.flatness_lower_bound(M, 3)) > 1.2
+
+
+def test_param_groups_given_as_generators_are_stepped():
+    # a generator in a group was read up by the input checks, leaving the base optimizer an empty group
+    model = DeepLinear([4, 5, 3], dtype=torch.float64)
+    opt = FlatnessRegularized([{"params": (w for w in model.weights)}], torch.optim.SGD, lam=0.1,
+                              measurements=flatkern.Isotropic(), lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [2]
+    before = model.weights[0].detach().clone()
+    opt.step()
+    assert not torch.equal(before, model.weights[0])

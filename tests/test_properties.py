@@ -301,3 +301,99 @@ def test_random_bad_input_raises_the_documented_error(backend, profile):
             OPS[op](W, meas, targets, kw)
 
     check()
+
+
+# ---- issue 18: the kinds of silent answers the second probe found, as properties
+
+
+def test_forward_mode_derivatives_are_the_references_or_a_clear_error(backend, profile):
+    # jvp through every op: "auto" and "torch" give the reference's tangent (auto routes transforms to
+    # it); a named kernel, which has no forward-mode rule, raises naming forward mode or torch.func
+    @_settings(profile, backend)
+    @given(p=problems(max_width=8, max_depth=4, dtypes=(torch.float64,), batches=((), (2,))))
+    def check(p):
+        # jvp's dual tensors are written in place: a stride-0 (expanded) primal fails in torch.func itself
+        W = [w.clone() for w in p.weights()]
+        T = [torch.randn(w.shape, dtype=w.dtype, generator=torch.Generator().manual_seed(p.seed + j))
+             for j, w in enumerate(W)]
+        meas, targets = p.measurements()
+        calls = {
+            "hessian_trace": lambda b: (lambda *w: fk.hessian_trace(list(w), meas, reduction=p.reduction,
+                                                                    per_layer=p.per_layer, backend=b)),
+            "objective": lambda b: (lambda *w: fk.objective(list(w), meas, targets, lam=0.5, reduction=p.reduction,
+                                                            backend=b)[0]),
+            "mse_loss": lambda b: (lambda *w: fk.mse_loss(list(w), meas, targets, p.reduction, backend=b)),
+        }
+        for name, make in calls.items():
+            want = torch.func.jvp(make("torch"), tuple(W), tuple(T))[1]
+            if backend in ("auto", "torch") or (name == "mse_loss" and backend == "triton"):
+                got = torch.func.jvp(make(backend), tuple(W), tuple(T))[1]
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+            else:
+                with pytest.raises(RuntimeError, match=rf'backend="{backend}" cannot run here: .*(forward|torch\.func)'):
+                    torch.func.jvp(make(backend), tuple(W), tuple(T))
+
+    check()
+
+
+@st.composite
+def ties(draw, depth_min=2):
+    """A chain of square layers in which two positions are tied: the same tensor, a view, a transpose."""
+    depth = draw(st.integers(depth_min, 5))
+    d = draw(st.integers(1, 8))
+    i, j = sorted(draw(st.lists(st.integers(0, depth - 1), min_size=2, max_size=2, unique=True)))
+    how = draw(st.sampled_from(["same", "view", "transpose", "detached_view"]))
+    return depth, d, i, j, how, draw(st.integers(0, 2**16))
+
+
+def test_a_tied_layer_is_always_an_error(backend, profile):
+    @_settings(profile, backend)
+    @given(case=ties())
+    def check(case):
+        depth, d, i, j, how, seed = case
+        g = torch.Generator().manual_seed(seed)
+        W = [torch.randn(d, d, dtype=torch.float64, generator=g) for _ in range(depth)]
+        W[j] = {"same": W[i], "view": W[i].view(d, d), "transpose": W[i].t(), "detached_view": W[i].detach()}[how]
+        for call in (lambda: fk.hessian_trace(W, fk.Isotropic(), backend=backend),
+                     lambda: fk.hessian_trace_and_grad(W, fk.Isotropic(), backend=backend),
+                     lambda: fk.TraceProblem(W, fk.Isotropic(), backend=backend)):
+            with pytest.raises(ValueError, match=rf"weights\[{i}\] \(layer W_{i + 1}\) and weights\[{j}\] "
+                                                 rf"\(layer W_{j + 1}\) are the same tensor or share memory"):
+                call()
+
+    check()
+
+
+def test_hessian_trace_of_keeps_the_gradient_with_respect_to_the_inputs(profile):
+    # the trace of a network's loss Hessian depends on x: its gradient in x must reach x.grad
+    @settings(settings() if profile == "default" else settings.get_profile(profile))
+    @given(depth=st.integers(1, 4), width=st.integers(1, 6), n=st.integers(1, 5), bias=st.booleans(),
+           act=st.sampled_from(["none", "relu", "leaky"]), loss=st.sampled_from(["mse", "cross_entropy"]),
+           seed=st.integers(0, 2**16))
+    def check(depth, width, n, bias, act, loss, seed):
+        torch.manual_seed(seed)
+        layers = []
+        for k in range(depth):
+            layers.append(torch.nn.Linear(width, width if k < depth - 1 else 3, bias=bias, dtype=torch.float64))
+            if k < depth - 1 and act != "none":
+                layers.append(torch.nn.ReLU() if act == "relu" else torch.nn.LeakyReLU(0.1))
+        model = torch.nn.Sequential(*layers)
+        x = torch.randn(n, width, dtype=torch.float64, requires_grad=True)
+        fk.hessian_trace_of(model, x, loss=loss).backward()
+        assert x.grad is not None
+        # the reference in x: the trace as a function of x alone, differentiated by autograd
+        params = dict(model.named_parameters())
+
+        def trace_in_x(xx):
+            def loss_of(ps):
+                out = torch.func.functional_call(model, ps, (xx,))
+                if loss == "mse":
+                    return torch.nn.functional.mse_loss(out, torch.zeros_like(out))
+                return torch.nn.functional.cross_entropy(out, torch.zeros(n, dtype=torch.long))
+            H = torch.func.hessian(loss_of)(params)
+            return sum(H[k][k].reshape(v.numel(), v.numel()).diagonal().sum() for k, v in params.items())
+
+        want = torch.func.grad(trace_in_x)(x.detach())
+        torch.testing.assert_close(x.grad, want, rtol=1e-8, atol=1e-10)
+
+    check()

@@ -250,9 +250,11 @@ def transform_active() -> str | None:
     return None
 
 
-def resolve(backend: str, weights, family: int) -> str:
+def resolve(backend: str, weights, family: int, *, transforms: bool = True) -> str:
     """``"op"``, ``"interpret"`` or ``"ref"`` for these (validated) weights and family code; a
-    RuntimeError naming why when ``backend`` names a kernel that cannot take them."""
+    RuntimeError naming why when ``backend`` names a kernel that cannot take them.  ``transforms=False``:
+    the caller computes in plain torch whatever the route (Triton's ``E``), so forward mode and
+    ``torch.func`` transforms are no reason to refuse."""
     first = weights[0]
     compiling = torch.compiler.is_compiling()
     key = (backend, first.device.type, first.dtype, family)
@@ -265,7 +267,7 @@ def resolve(backend: str, weights, family: int) -> str:
     if route == "ref":
         return route
     reason = kernel.refuses_shape(weights)
-    if reason is None and not compiling:
+    if reason is None and transforms and not compiling:
         reason = transform_active()
     if reason is None:
         return route

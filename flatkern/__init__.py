@@ -33,6 +33,7 @@ _EXPORTS = {
     "hessian_trace_of": "nn", "hessian_trace_and_grad_of": "nn",
     # theory and the flattest solution
     "flatness_lower_bound": "theory", "flattest_factorization": "theory",
+    "rip_constant_lower_estimate": "theory", "rip_nuclear_norm_factor": "theory",
     "flattest_solution": "flattest_solution", "FlattestReport": "flattest_solution",
     "ConvergenceWarning": "flattest_solution",
 }
@@ -42,7 +43,8 @@ _SUBMODULES = ("nn", "optim", "ops", "reference", "measurements", "theory", "ker
 __all__ = [
     "Measurements", "Isotropic", "Entries", "RankOne", "Dense", "Inputs",
     "end_to_end", "mse_loss", "hessian_trace", "hessian_trace_and_grad", "available_backends", "TraceProblem",
-    "flatness_lower_bound", "flattest_factorization", "flattest_solution", "FlattestReport", "ConvergenceWarning",
+    "flatness_lower_bound", "flattest_factorization", "rip_constant_lower_estimate", "rip_nuclear_norm_factor",
+    "flattest_solution", "FlattestReport", "ConvergenceWarning",
     "nn", "optim", "hessian_trace_of", "hessian_trace_and_grad_of", "objective",
 ]
 

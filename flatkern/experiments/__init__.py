@@ -35,6 +35,8 @@ REGISTRY = (
     "recovery:SENSING",
     "recovery:COMPLETION",
     "trajectory:TRAJECTORY",
+    "digits:DIGITS",
+    "training_trace:TRAINING_TRACE",
 )
 
 # what each public name is imported from, when first used (PEP 562)

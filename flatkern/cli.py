@@ -144,11 +144,12 @@ def _check_options(args) -> None:
 def _reproduce(args, *, program: bool = False) -> int:
     import importlib.util
 
-    missing = [name for name in ("cvxpy", "matplotlib") if importlib.util.find_spec(name) is None]
+    missing = [package for package, module in (("cvxpy", "cvxpy"), ("matplotlib", "matplotlib"),
+                                               ("scikit-learn", "sklearn")) if importlib.util.find_spec(module) is None]
     if missing:
-        # fail before minutes of training, not at the first nuclear_norm task or figure
-        print(f"flatkern reproduce needs {' and '.join(missing)} (the convex baseline and the figures): "
-              "pip install 'flatkern[reproduce]'", file=sys.stderr)
+        # fail before minutes of training, not at the first nuclear_norm task, figure or digits task
+        print(f"flatkern reproduce needs {' and '.join(missing)} (the convex baseline, the figures and the digits "
+              "data set): pip install 'flatkern[reproduce]'", file=sys.stderr)
         return 2
     _check_options(args)
 

@@ -9,6 +9,12 @@
   gradient descent does not.
 - ``trajectory``: the exact trace along training (gd, label noise, SAM,
   flatness) over the flattest solution's, and what tracking it costs.
+- ``digits``: ReLU MLPs on scikit-learn's digits (sgd, label noise, SAM,
+  ``FlatnessRegularizedMLP``): test accuracy against the exact trace of the
+  training-loss Hessian, along training and at the end, and the cost per step.
+- ``training_trace``: the paper's theorem on the training loss: the flattest
+  solution under the training-loss trace against the convex optimum, with the
+  estimated RIP constant and the theorem's factor.
 
 Each experiment is one module following ``base.Experiment`` (settings per grid,
 typed task keys, run, cost, table, figure, summary section) and one line in

@@ -33,6 +33,14 @@ def check_weights(weights, name: str = "weights") -> list[torch.Tensor]:
         nd = len(shape)
         if nd >= 2 and dtype.is_floating_point:
             batch, width = shape[:-2], shape[-2]
+            # the layers' storages, for the tied-weight check: distinct ones are the usual case and
+            # need nothing more (storage addresses cannot be traced: torch.compile takes the slow path)
+            storages = None
+            if not torch.compiler.is_compiling():
+                try:
+                    storages = {w.untyped_storage().data_ptr() for w in weights if isinstance(w, torch.Tensor)}
+                except (RuntimeError, NotImplementedError):  # torch.func wrappers: no storage to read
+                    storages = None
             for w in weights[1:]:
                 if not isinstance(w, torch.Tensor):
                     break
@@ -41,7 +49,7 @@ def check_weights(weights, name: str = "weights") -> list[torch.Tensor]:
                     break
                 width = s[-2]
             else:
-                if len(weights) > 1:
+                if storages is None or len(storages) != len(weights):
                     check_untied(weights, name)
                 return list(weights)
     weights = _check_weights_rules(weights, name)
@@ -100,10 +108,12 @@ def check_no_shared_memory(named) -> None:
     seen: dict = {}
     for label, t in named:
         key = _storage_key(t)
+        if key is None:  # no storage to read (a torch.func wrapper, an empty tensor): the same object twice
+            key = ("object", id(t)) if t.numel() > 0 else None
         if key is None:
             continue
         for label_i, u in seen.get(key, ()):
-            if _overlap(u, t):
+            if u is t or _overlap(u, t):
                 raise ValueError(
                     f"{label_i} and {label} are the same tensor or share memory (views of one storage): a layer "
                     "used at two positions (tied weights) has a Hessian trace that depends on the targets, not the "
@@ -114,6 +124,15 @@ def check_no_shared_memory(named) -> None:
 
 def check_untied(weights, name: str = "weights") -> None:
     """``check_no_shared_memory`` for a chain: the layers must be distinct parameters."""
+    if not torch.compiler.is_compiling():
+        # the usual case, checked on every call: layers in distinct storages (a d = 30 call cannot
+        # afford the labelled check's strings); any shared storage gets the exact check below
+        try:
+            ptrs = {w.untyped_storage().data_ptr() for w in weights}
+        except (RuntimeError, NotImplementedError):
+            ptrs = ()
+        if len(ptrs) == len(weights):
+            return
     check_no_shared_memory([(f"{name}[{j}] (layer W_{j + 1})", w) for j, w in enumerate(weights)])
 
 

@@ -72,8 +72,11 @@ class Kernel:
 
     def refuses_shape(self, weights) -> str | None:
         """Why the kernel does not take these shapes (checked on every call: shapes change)."""
-        first = weights[0]
-        if not 0 < first.shape[-1] < self.max_width or any(not 0 < w.shape[-2] < self.max_width for w in weights):
+        first, top = weights[0], self.max_width
+        ok = 0 < first.shape[-1] < top
+        for w in weights:  # a loop, not any(genexpr): this runs on every call
+            ok = ok and 0 < w.shape[-2] < top
+        if not ok:
             widths = [first.shape[-1]] + [w.shape[-2] for w in weights]
             return f"its kernel does not take a width of 0 or >= 2^{self.max_width.bit_length() - 1} (widths {widths})"
         if not self.empty_batch and first.numel() == 0:
@@ -265,6 +268,14 @@ def resolve(backend: str, weights, family: int, *, transforms: bool = True) -> s
             _static[key] = static
     route, kernel = static
     if route == "ref":
+        return route
+    # the common case inline (this runs on every call): widths in range, no transform active
+    top = kernel.max_width
+    ok = 0 < first.shape[-1] < top and (kernel.empty_batch or first.numel() > 0)
+    for w in weights:
+        ok = ok and 0 < w.shape[-2] < top
+    if ok and (not transforms or compiling or (_forward_ad._current_level < 0
+                                                and torch._C._functorch.maybe_current_level() is None)):
         return route
     reason = kernel.refuses_shape(weights)
     if reason is None and transforms and not compiling:

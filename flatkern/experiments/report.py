@@ -23,6 +23,12 @@ __all__ = ["write_results", "without_timings", "results_of", "rounded", "DIGITS"
 # to 1e-9 relative or better (most to 1e-15), and flattest_solution runs on the reference backend
 # (solution.py); 6 digits leave a margin of 1000 over the worst of them.
 DIGITS = 6
+# below this magnitude a float is at the rounding floor of the float64 arithmetic that made it (a
+# training loss of 1e-23, a recovery error of 1e-12): its digits after the first few are noise that
+# differs between kernels (measured on the default grid: 4.59157e-23 against 4.59168e-23), so it
+# keeps TINY_DIGITS significant digits
+TINY = 1e-8
+TINY_DIGITS = 3
 
 # {experiment: its figure's file name}
 FIGURES = {e.name: e.figure_name for e in registered().values() if e.figure_name}
@@ -40,9 +46,11 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 
 def rounded(value):
-    """``value`` with every float (inside lists and dicts too) rounded to ``DIGITS`` significant digits."""
+    """``value`` with every float (inside lists and dicts too) rounded to ``DIGITS`` significant digits
+    (``TINY_DIGITS`` below ``TINY`` in magnitude)."""
     if isinstance(value, float):
-        return float(f"{value:.{DIGITS}g}")  # nan and inf stay what they are
+        digits = TINY_DIGITS if abs(value) < TINY else DIGITS
+        return float(f"{value:.{digits}g}")  # nan and inf stay what they are
     if isinstance(value, list):
         return [rounded(v) for v in value]
     if isinstance(value, dict):
@@ -106,7 +114,8 @@ def summary_markdown(records: list[dict], *, grid: str, seconds: float, command:
         lines += experiment.summary_section(mine)
     lines += [
         f"Every record (per seed and method, with every quantity measured) is in `results.json`, each number to "
-        f"{DIGITS} significant digits (the digits every backend agrees on); the tables above are from full precision, "
+        f"{DIGITS} significant digits ({TINY_DIGITS} below {TINY:g}; the digits every backend agrees on); the tables "
+        "above are from full precision, "
         "the wall times are in `timings.json`.",
         "",
     ]

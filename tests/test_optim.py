@@ -552,6 +552,10 @@ def _ddp_worker(rank, world, init_file, out_dir):
             nn.functional.mse_loss(ddp(xs[rank]), ys[rank]).backward()
             opt.step()
         torch.save([w.detach() for w in model.weights] + [opt.last_trace], os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks done with their collectives before either tears gloo down: a rank that exits
+        # while the other is still in an all-reduce aborts ("terminate called without an active exception");
+        # not in `finally`, where a rank that failed would leave the other waiting here
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -186,6 +186,21 @@ class _Regularized(torch.optim.Optimizer):
     def _held_params(self) -> list[tuple[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def _init_groups(self, groups, lam: float, base_optimizer, base_kwargs: dict, *, reduction: str, backend: str,
+                     sharded, process_group) -> None:
+        """What both constructors end with: each group's ``lam`` checked, the groups held, the base
+        optimizer built on them, and the options both optimizers keep."""
+        for i, g in enumerate(groups):
+            if isinstance(g, dict) and "lam" in g:
+                g["lam"] = check_lam(g["lam"], f"param_groups[{i}]['lam']")
+        super().__init__(groups, dict(lam=lam))
+        self._attach_base(base_optimizer, base_kwargs)
+        self.reduction = reduction
+        self.backend = backend
+        self.sharded = sharded
+        self.process_group = process_group
+        self.last_trace: torch.Tensor | None = None
+
     def _attach_base(self, base_optimizer, base_kwargs: dict) -> None:
         """Build the base optimizer on this optimizer's groups and share its groups and state."""
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -411,18 +426,9 @@ class FlatnessRegularized(_Regularized):
         check_no_shared_memory(_chain_and_group_params(self._weights, groups))
         # the measurements, widths, dtype and route, checked once: each step re-checks only what can change
         self._problem = TraceProblem(self._weights, measurements, reduction=reduction, backend=backend)
-        for i, g in enumerate(groups):
-            if isinstance(g, dict) and "lam" in g:
-                g["lam"] = check_lam(g["lam"], f"param_groups[{i}]['lam']")
-
-        super().__init__(groups, dict(lam=lam))
-        self._attach_base(base_optimizer, base_kwargs)
+        self._init_groups(groups, lam, base_optimizer, base_kwargs, reduction=reduction, backend=backend,
+                          sharded=sharded, process_group=process_group)
         self.measurements = measurements
-        self.reduction = reduction
-        self.backend = backend
-        self.sharded = sharded
-        self.process_group = process_group
-        self.last_trace: torch.Tensor | None = None
         # which group holds each weight: rebuilt when the groups list is replaced or grows
         self._indexed_groups: list | None = None
         self._indexed_count = 0
@@ -651,19 +657,10 @@ class FlatnessRegularizedMLP(_Regularized):
         else:
             groups = _read_groups(params)
         check_no_shared_memory(_chain_and_group_params([], groups))
-        for i, g in enumerate(groups):
-            if isinstance(g, dict) and "lam" in g:
-                g["lam"] = check_lam(g["lam"], f"param_groups[{i}]['lam']")
-
-        super().__init__(groups, dict(lam=lam))
-        self._attach_base(base_optimizer, base_kwargs)
+        self._init_groups(groups, lam, base_optimizer, base_kwargs, reduction=reduction, backend=backend,
+                          sharded=sharded, process_group=process_group)
         self.model = model
         self.loss = loss
-        self.reduction = reduction
-        self.backend = backend
-        self.sharded = sharded
-        self.process_group = process_group
-        self.last_trace: torch.Tensor | None = None
 
     def _held_params(self) -> list[tuple[str, torch.Tensor]]:
         return _chain_and_group_params([], self.param_groups)

@@ -33,14 +33,6 @@ def check_weights(weights, name: str = "weights") -> list[torch.Tensor]:
         nd = len(shape)
         if nd >= 2 and dtype.is_floating_point:
             batch, width = shape[:-2], shape[-2]
-            # the layers' storages, for the tied-weight check: distinct ones are the usual case and
-            # need nothing more (storage addresses cannot be traced: torch.compile takes the slow path)
-            storages = None
-            if not torch.compiler.is_compiling():
-                try:
-                    storages = {w.untyped_storage().data_ptr() for w in weights if isinstance(w, torch.Tensor)}
-                except (RuntimeError, NotImplementedError):  # torch.func wrappers: no storage to read
-                    storages = None
             for w in weights[1:]:
                 if not isinstance(w, torch.Tensor):
                     break
@@ -49,8 +41,7 @@ def check_weights(weights, name: str = "weights") -> list[torch.Tensor]:
                     break
                 width = s[-2]
             else:
-                if storages is None or len(storages) != len(weights):
-                    check_untied(weights, name)
+                check_untied(weights, name)
                 return list(weights)
     weights = _check_weights_rules(weights, name)
     check_untied(weights, name)

@@ -269,14 +269,6 @@ def resolve(backend: str, weights, family: int, *, transforms: bool = True) -> s
     route, kernel = static
     if route == "ref":
         return route
-    # the common case inline (this runs on every call): widths in range, no transform active
-    top = kernel.max_width
-    ok = 0 < first.shape[-1] < top and (kernel.empty_batch or first.numel() > 0)
-    for w in weights:
-        ok = ok and 0 < w.shape[-2] < top
-    if ok and (not transforms or compiling or (_forward_ad._current_level < 0
-                                                and torch._C._functorch.maybe_current_level() is None)):
-        return route
     reason = kernel.refuses_shape(weights)
     if reason is None and transforms and not compiling:
         reason = transform_active()

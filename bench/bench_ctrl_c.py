@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
+sys.path.insert(0, str(TESTS))
+from helpers import child_pids, pid_alive  # noqa: E402  (the tests' /proc helpers: one copy)
 
 GRID = f"""
 import os, sys
@@ -42,24 +44,6 @@ GRIDS["quick"] = Grid("tiny", tiny.parts + ((HOLD, HoldSettings(os.environ["FLAT
 from flatkern.cli import main
 sys.exit(main())
 """
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _is_tracker(pid: int) -> bool:
@@ -92,8 +76,8 @@ def one_stop(torchrun: bool) -> tuple[float, float]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the run did not save two tasks: {proc.stderr.read().decode()[-2000:]}")
                 time.sleep(0.02)
-            family = _children(proc.pid)
-            family += [k for c in family for k in _children(c)]
+            family = child_pids(proc.pid)
+            family += [k for c in family for k in child_pids(c)]
             family = [p for p in family if not _is_tracker(p)]
             start = time.monotonic()
             if torchrun:
@@ -102,7 +86,7 @@ def one_stop(torchrun: bool) -> tuple[float, float]:
                 proc.send_signal(signal.SIGINT)
             proc.wait(timeout=120)
             exited = time.monotonic() - start
-            while any(_alive(p) for p in family) and time.monotonic() - start < 120:
+            while any(pid_alive(p) for p in family) and time.monotonic() - start < 120:
                 time.sleep(0.005)
             return exited, time.monotonic() - start
         finally:

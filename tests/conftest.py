@@ -59,6 +59,16 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread, as the reproduction's workers run every task: a solve or a
+    training run is thousands of tiny products, where a second thread on a busy machine only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", params=[torch.float32, torch.float64], ids=["float32", "float64"])
 def dtype(request):
     return request.param

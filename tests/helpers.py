@@ -150,3 +150,28 @@ def autograd_hessian_trace(weights, measurements, targets, reduction="mean", per
     return blocks if per_layer else blocks.sum()
 
 
+# ------------------------------------------------------------------ processes (Linux /proc)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (reads ``/proc``; a process gone mid-read is skipped)."""
+    from pathlib import Path
+
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is running (a zombie, exited but not yet reaped, is not)."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -27,15 +27,6 @@ from flatkern.experiments.report import results_of, without_timings  # noqa: E40
 TINY = DigitsSettings(seeds=(0, 1), lams=(1e-2,), widths=(64, 8, 10), batch=32, steps=30, points=5)
 
 
-@pytest.fixture
-def one_thread():
-    # the runner's workers run every task on one thread; so do these runs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_records():
     threads = torch.get_num_threads()

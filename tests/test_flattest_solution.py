@@ -16,16 +16,7 @@ from flatkern.flattest_solution import ConvergenceWarning, FlattestReport, flatt
 cp = pytest.importorskip("cvxpy")
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # each solve is thousands of tiny products: on a busy machine a second intra-op thread
-    # only adds waiting (4x slower in our runs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _convex_optimum(measurements, targets, shape):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import child_pids, pid_alive
 
 import flatkern as fk
 from flatkern.experiments import GRIDS, run_task, tasks_of
@@ -323,25 +324,6 @@ def _held(release: Path) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", FLATKERN_TEST_RELEASE=str(release))
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _finished_tasks(out: Path) -> int:
     try:
         return len(read_journals(out)[1]) if out.exists() else 0
@@ -377,8 +359,8 @@ def _workers_once_tasks_are_saved(proc, out: Path, tasks: int) -> tuple[list[int
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no task finished in 240 s"
         time.sleep(0.02)
-    family = _children(proc.pid)
-    family += [k for c in family for k in _children(c)]  # torchrun's ranks' workers
+    family = child_pids(proc.pid)
+    family += [k for c in family for k in child_pids(c)]  # torchrun's ranks' workers
     trackers = [p for p in family if "resource_tracker" in _cmdline(p)]
     family = [p for p in family if p not in trackers]
     assert family, "the run has no worker processes"
@@ -386,7 +368,7 @@ def _workers_once_tasks_are_saved(proc, out: Path, tasks: int) -> tuple[list[int
 
 
 def _gone_within(pids: list[int], limit: float, start: float) -> float:
-    while any(_alive(p) for p in pids) and time.monotonic() - start < limit:
+    while any(pid_alive(p) for p in pids) and time.monotonic() - start < limit:
         time.sleep(0.01)
     return time.monotonic() - start
 
@@ -409,7 +391,7 @@ def _interrupt_when_tasks_are_saved(proc, out: Path, group: bool = False, tasks:
     proc.wait(timeout=60)
     seconds = _gone_within(family, 60, start)
     _gone_within(trackers, 60, start)
-    return seconds, [p for p in family + trackers if _alive(p)]
+    return seconds, [p for p in family + trackers if pid_alive(p)]
 
 
 def test_ctrl_c_stops_keeps_records_and_resume_ends_with_the_same_results(tmp_path, tiny_records):
@@ -471,7 +453,7 @@ def test_workers_exit_when_the_coordinator_is_killed_and_the_next_run_takes_over
     proc.kill()  # kill -9: no handler, no cleanup
     proc.wait(timeout=60)
     seconds = _gone_within(family, 60, start)
-    assert not [p for p in family if _alive(p)], f"workers still running {seconds:.0f} s after the coordinator died"
+    assert not [p for p in family if pid_alive(p)], f"workers still running {seconds:.0f} s after the coordinator died"
     assert (out / LOCK_NAME).exists()  # left behind by the killed run, with its dead pid
 
     release.touch()

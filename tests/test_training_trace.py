@@ -28,14 +28,7 @@ from flatkern.theory import rip_nuclear_norm_factor
 pytest.importorskip("cvxpy")
 
 SETTINGS = TrainingTraceSettings()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _solve(d: int, rank: int, depth: int, n: int) -> tuple[dict, dict, dict]:

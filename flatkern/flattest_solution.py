@@ -38,6 +38,10 @@ problems; Gaussian sensing and completion; depths 2-5; see the tests):
   still moves), and a value-based line search stops short; there the line
   search compares values through the trapezoid rule on the directional
   derivatives instead (the approximate Wolfe test of Hager & Zhang, 2005).
+
+One concern, this solver, in one file over 600 lines: the outer multiplier loop, its strong-Wolfe
+L-BFGS, the feasibility pre-checks and the weak-duality certificate share the problem's state
+and are read together.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ to each ``step(inputs=x)``, over every parameter of the model, biases included.
     >>> opt = flatkern.optim.FlatnessRegularizedMLP(model, torch.optim.SGD, lam=1e-3,
     ...                                             loss="cross_entropy", lr=0.1)
     >>> F.cross_entropy(model(x), y).backward(); opt.step(inputs=x)
+
+One concern, the regularized optimizers, in one file over 600 lines: the two classes share their
+base ``_Regularized`` (groups and state shared with the base optimizer, ``lam`` per group, the
+closure protocol, ``state_dict``, hooks, the DDP all-reduce), and each half reads the other.
 """
 
 from __future__ import annotations

@@ -234,8 +234,6 @@ class TraceProblem:
         self._ids = [id(w) for w in weights]
         # the route's static part (device, dtype, family) is fixed with the key; shapes are in the key
         self.route = routing.resolve(self.backend, weights, self.measurements.family)
-        self._family = self.measurements.family
-        self._operands = list(self.measurements.operands)
 
     @staticmethod
     def _signature(weights):
@@ -248,9 +246,8 @@ class TraceProblem:
                 or self._signature(weights) != self._key
                 or [id(w) for w in weights] != self._ids):
             self._validate(weights)
-        if self.route == "op" and routing.transform_active() is None and not torch.compiler.is_compiling():
-            trace, grads = _hessian_trace_and_grad_fast(_contiguous(weights), self._family, self._operands,
-                                                        self.scale, not self.per_layer)
-            return trace, list(grads)
-        route = routing.resolve(self.backend, weights, self._family)
+        route = self.route
+        if route != "op" or routing.transform_active() is not None or torch.compiler.is_compiling():
+            # what the validation cannot fix for later calls: a transform or a graph around this one
+            route = routing.resolve(self.backend, weights, self.measurements.family)
         return _trace_and_grad(weights, self.measurements, route, self.scale, not self.per_layer)

@@ -99,11 +99,6 @@ def base_code(code: int) -> int:
     return row.code if row.base is None else row.base
 
 
-def measurement_count(family: int, operand_shapes) -> int:
-    """``n`` as the kernels read it from the operand shapes (0 where the family has none)."""
-    return get(family).measurement_count(operand_shapes)
-
-
 def bind_class(cls, *codes: int) -> None:
     """Bind the measurement class that encodes ``codes`` (called by ``flatkern.measurements``)."""
     for code in codes:

@@ -28,10 +28,6 @@ from .measurements import Isotropic, Measurements
 __all__ = ["end_to_end", "mse_loss", "hessian_trace", "hessian_trace_and_grad", "available_backends",
            "trace_scale", "TraceProblem"]
 
-# the overloads' own C++ entries: OpOverload.__call__ is a Python frame around them, a
-# measurable part of a d = 30 call (torch.compile gets the overloads themselves)
-_hessian_trace_fast = getattr(schemas.hessian_trace, "_op", schemas.hessian_trace)
-_hessian_trace_and_grad_fast = getattr(schemas.hessian_trace_and_grad, "_op", schemas.hessian_trace_and_grad)
 
 available_backends = routing.available_backends
 trace_scale = reference.trace_scale
@@ -47,7 +43,8 @@ def _layer_terms(weights, measurements: Measurements, backend: str, *, scale: fl
     ``sum_layers``, and ``E`` when asked, on the route ``backend`` resolves to.  Inputs already checked."""
     route = routing.resolve(backend, weights, measurements.family)
     if route == "op":
-        call = schemas.hessian_trace if torch.compiler.is_compiling() else _hessian_trace_fast
+        # eager calls skip boxing the arguments; a torch.compile trace must see the op object
+        call = schemas.hessian_trace if torch.compiler.is_compiling() else schemas.call_hessian_trace
         terms, E, _ = call(_contiguous(weights), measurements.family, list(measurements.operands),
                            with_end_to_end, scale, sum_layers)
         return terms, (E if with_end_to_end else None)
@@ -167,7 +164,7 @@ def _checked_scale(weights, measurements: Measurements, reduction: str) -> float
 
 def _trace_and_grad(weights, measurements: Measurements, route: str, scale: float, sum_layers: bool):
     if route == "op":
-        call = schemas.hessian_trace_and_grad if torch.compiler.is_compiling() else _hessian_trace_and_grad_fast
+        call = schemas.hessian_trace_and_grad if torch.compiler.is_compiling() else schemas.call_hessian_trace_and_grad
         trace, grads = call(_contiguous(weights), measurements.family, list(measurements.operands), scale,
                             sum_layers)
         return trace, list(grads)
@@ -240,8 +237,7 @@ class TraceProblem:
         first = weights[0]
         return (first.dtype, first.device, tuple(w.shape for w in weights))
 
-    def __call__(self, weights):
-        """``(trace, grads)`` at ``weights`` (the same tensors, or ones of the same shapes, dtype and device)."""
+    def _route(self, weights) -> str:
         if (type(weights) is not list or len(weights) != len(self._ids)
                 or self._signature(weights) != self._key
                 or [id(w) for w in weights] != self._ids):
@@ -250,4 +246,46 @@ class TraceProblem:
         if route != "op" or routing.transform_active() is not None or torch.compiler.is_compiling():
             # what the validation cannot fix for later calls: a transform or a graph around this one
             route = routing.resolve(self.backend, weights, self.measurements.family)
+        return route
+
+    def __call__(self, weights):
+        """``(trace, grads)`` at ``weights`` (the same tensors, or ones of the same shapes, dtype and device)."""
+        route = self._route(weights)
         return _trace_and_grad(weights, self.measurements, route, self.scale, not self.per_layer)
+
+    def accumulate(self, weights, into, alpha: float) -> torch.Tensor:
+        """``into[j] += alpha · ∂ tr/∂W_j`` for every layer, in place; returns the trace.
+
+        What an optimizer does with the gradient (``p.grad += lam · ∂ tr/∂p``), without the
+        gradient tensors: on CPU the C++ kernel adds into ``into`` itself (one call, no dispatcher,
+        no ``_foreach_add_``).  ``into[j]`` must have ``weights[j]``'s shape, dtype and device and
+        must not require grad (a ``RuntimeError`` naming it otherwise, before anything changes);
+        its version counter is bumped, as by ``add_``.
+
+        Args:
+            weights: as for ``__call__``.
+            into: ``[G_1, ..., G_L]``, ``G_j`` shaped like ``weights[j]``.
+            alpha: the factor (a Python float).
+
+        Returns:
+            The trace, shape ``(...)`` (``(..., L)`` with ``per_layer``).
+        """
+        route = self._route(weights)
+        call = schemas.call_hessian_trace_and_grad_into
+        if route == "op" and call is not None and not torch.compiler.is_compiling():
+            # the op, and the add into `into` in the same C++ call (no gradients handed back to Python)
+            return call(_contiguous(weights), self.measurements.family, list(self.measurements.operands),
+                        self.scale, not self.per_layer, into, alpha)[0]
+        trace, grads = _trace_and_grad(weights, self.measurements, route, self.scale, not self.per_layer)
+        if len(into) != len(grads):
+            raise RuntimeError(f"flatkern: into has {len(into)} tensors but weights has {len(grads)} layers")
+        for j, (g, t) in enumerate(zip(into, grads)):
+            if not isinstance(g, torch.Tensor) or g.shape != t.shape or g.dtype != t.dtype or g.device != t.device \
+                    or g.requires_grad:
+                raise RuntimeError(f"flatkern: into[{j}] must match weights[{j}] (shape {tuple(t.shape)}, {t.dtype}, "
+                                   f"{t.device}) and not require grad, got "
+                                   + (f"{tuple(g.shape)}, {g.dtype}, {g.device}, requires_grad={g.requires_grad}"
+                                      if isinstance(g, torch.Tensor) else type(g).__name__))
+        with torch.no_grad():
+            torch._foreach_add_(list(into), grads, alpha=alpha)
+        return trace

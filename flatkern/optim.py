@@ -450,6 +450,11 @@ class FlatnessRegularized(_Regularized):
 
         Every group's ``lam`` is checked: a ``ValueError`` (``TypeError``) naming the group.
         """
+        groups = self.param_groups
+        if groups is self._indexed_groups and len(groups) == 1 and self._one_group:
+            lam = groups[0].get("lam")  # the usual case, every step: one group, a valid float lam
+            if type(lam) is float and 0.0 <= lam < _INF:
+                return lam, [lam] * len(self._weights)
         self._group_index()
         lams = self._group_lams()
         if self._one_group:  # the usual case
@@ -473,6 +478,12 @@ class FlatnessRegularized(_Regularized):
         The gradients are of the trace summed over a batch of problems, the
         ones ``step`` scales by ``lam`` and adds; neither output requires grad.
         """
+        trace, grads = self._current_problem()(self._weights)
+        if self._use_all_reduce():
+            trace, grads = self._all_reduce(trace, grads)
+        return trace, grads
+
+    def _current_problem(self) -> TraceProblem:
         # checked once (measurements, widths, dtype, route); each step re-checks only the shapes,
         # dtype and device of the weights, which is all that can change
         problem = self.__dict__.get("_problem")
@@ -480,10 +491,17 @@ class FlatnessRegularized(_Regularized):
                 or problem.backend != self.backend:
             problem = self._problem = TraceProblem(self._weights, self.measurements, reduction=self.reduction,
                                                    backend=self.backend)
-        trace, grads = problem(self._weights)
-        if self._use_all_reduce():
-            trace, grads = self._all_reduce(trace, grads)
-        return trace, grads
+        return problem
+
+    def _plain_grads(self) -> list[torch.Tensor] | None:
+        """Every weight's ``.grad`` when each exists and does not require grad (else ``None``)."""
+        grads = []
+        for w in self._weights:
+            g = w.grad
+            if g is None or g.requires_grad:
+                return None
+            grads.append(g)
+        return grads
 
     def _add_regularizer(self, lam: float | None, lams: list[float]) -> torch.Tensor | None:
         """Add ``lam_j ∂ tr/∂W_j`` to each ``W_j.grad``; the trace (``None`` when every ``lam`` is 0).
@@ -492,6 +510,11 @@ class FlatnessRegularized(_Regularized):
         """
         if lam == 0.0:
             return None
+        if lam is not None:
+            into = self._plain_grads()
+            if into is not None and not self._use_all_reduce():
+                # the usual step: W_j.grad += lam ∂ tr/∂W_j inside the kernel's own call
+                return self._current_problem().accumulate(self._weights, into, lam)
         trace, grads = self.regularizer_grads()  # never requires grad: no graph, whatever the grad mode
         _add_to_grads(self._weights, grads, lam, lams)
         return trace
@@ -510,6 +533,12 @@ class FlatnessRegularized(_Regularized):
 
     def _step(self, closure):
         lam, lams = self._layer_lams()  # raises on a bad lam before any gradient or weight changes
+        if closure is None and lam is not None and not self._needs_closure:
+            # the usual step, what _run_step does without a closure, with two calls fewer (a d = 30
+            # step is ~120 µs, and the regularizer may add a quarter of that, all of it included)
+            self.last_trace = self._add_regularizer(lam, lams)
+            self.base_optimizer.step()
+            return None
         if closure is not None and lam is None:
             raise ValueError(
                 "step(closure) evaluates loss + lam * trace, which needs one lam for every layer weight "

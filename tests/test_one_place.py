@@ -207,6 +207,75 @@ def test_trace_problem_refuses_what_hessian_trace_refuses():
         problem([W[0], torch.randn(2, 5, dtype=torch.float64)])
 
 
+@pytest.mark.parametrize("kind", ["entries", "isotropic", "dense"])
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("kernel_adds", [True, False])
+def test_trace_problem_accumulate_adds_alpha_times_the_gradient(kind, per_layer, kernel_adds, monkeypatch):
+    from flatkern.kernels import schemas
+
+    if not kernel_adds:  # the extension's entry absent: the gradients come back and Python adds them
+        monkeypatch.setattr(schemas, "call_hessian_trace_and_grad_into", None)
+    W = make_weights([5, 7, 6, 4])
+    meas, _ = make_measurements(kind, 4, 5, n=9)
+    want, want_grads = fk.hessian_trace_and_grad(W, meas, per_layer=per_layer, backend="torch")
+    problem = fk.TraceProblem(W, meas, per_layer=per_layer)
+    into = [torch.randn_like(w) for w in W]
+    before = [g.clone() for g in into]
+    versions = [g._version for g in into]
+    trace = problem.accumulate(W, into, -0.375)
+    torch.testing.assert_close(trace, want, rtol=1e-12, atol=1e-12)
+    for g, g0, e, v in zip(into, before, want_grads, versions):
+        torch.testing.assert_close(g, g0 - 0.375 * e, rtol=1e-12, atol=1e-12)
+        assert g._version > v  # autograd sees an in-place change, as after add_
+
+
+def test_trace_problem_accumulate_refuses_a_bad_into_before_changing_anything():
+    W = make_weights([5, 7, 4])
+    problem = fk.TraceProblem(W, fk.Isotropic())
+    good = torch.zeros_like(W[1])
+    for bad, match in [([torch.zeros(2, 2, dtype=torch.float64), good], r"into\[0\] must match weights\[0\]"),
+                       ([torch.zeros_like(W[0], dtype=torch.float32), good], r"into\[0\]"),
+                       ([torch.zeros_like(W[0])], "into has 1 tensors but weights has 2"),
+                       ([torch.zeros_like(W[0]).requires_grad_(), good], "requires grad")]:
+        with pytest.raises(RuntimeError, match=match):
+            problem.accumulate(W, bad, 1.0)
+        assert good.abs().sum() == 0
+
+
+def test_the_fast_call_still_goes_through_the_dispatcher_when_something_must_see_the_op():
+    """The unboxed C++ call (flatkern._C.call_hessian_trace_and_grad) runs the CPU kernel itself only
+    when the dispatcher would add nothing: a TorchDispatchMode still sees the op, and a negative
+    view (a dispatch key the raw kernel would ignore) still gets the right sign."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    W = make_weights([5, 7, 4])
+    meas, _ = make_measurements("entries", 4, 5, n=9)
+    want, want_grads = fk.hessian_trace_and_grad(W, meas, backend="torch")
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as mode:
+        trace, _ = fk.hessian_trace_and_grad(W, meas)
+    assert "flatkern.hessian_trace_and_grad.default" in mode.ops
+    torch.testing.assert_close(trace, want, rtol=1e-12, atol=1e-12)
+    negated = [torch._neg_view(-w) for w in W]  # the same values, behind the Negative key
+    trace, grads = fk.hessian_trace_and_grad(negated, meas)
+    torch.testing.assert_close(trace, want, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, want_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    into = [torch._neg_view(torch.zeros_like(w)) for w in W]  # added through add_, which honours the key
+    fk.TraceProblem(W, meas).accumulate(W, into, 2.0)
+    for g, e in zip(into, want_grads):
+        torch.testing.assert_close(g, 2.0 * e, rtol=1e-12, atol=1e-12)
+
+
 def test_the_optimizer_does_not_recheck_the_measurements_every_step(monkeypatch):
     model = fk.nn.DeepLinear([5, 6, 4], dtype=torch.float64)
     meas = fk.Entries.uniform(12, (4, 5), generator=torch.Generator().manual_seed(0))

@@ -14,12 +14,15 @@
 //       per-problem length of the C++ forward's saved tensor (the fake kernel's
 //       output size), from the same Layout and operand checks the kernels use
 //   FAMILIES  {"ISOTROPIC": 0, ...}, the family codes compiled into the kernels
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+// and two ops called without boxing their arguments (unboxed_calls.cpp says why):
+//   call_hessian_trace(weights, family, operands, with_end_to_end, scale, sum_layers)
+//   call_hessian_trace_and_grad(weights, family, operands, scale, sum_layers, into=None, alpha=1.)
+#include <torch/extension.h>
 
 #include <c10/util/Exception.h>
 
 #include "cpu/layout.h"
+#include "unboxed_calls.h"
 
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
@@ -39,6 +42,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("family"), pybind11::arg("operand_shapes"),
         "Per-problem length S of the C++ hessian_trace's saved tensor (..., S) for widths [d_0, ..., d_L], a "
         "family code and the operands' shapes; raises on what the kernel would reject.");
+  m.def(
+      "call_hessian_trace",
+      [](const std::vector<at::Tensor>& weights, int64_t family, const std::vector<at::Tensor>& operands,
+         bool with_end_to_end, double scale, bool sum_layers) {
+        pybind11::gil_scoped_release no_gil;  // as torch's own op bindings do
+        return flatkern::call_hessian_trace(weights, family, operands, with_end_to_end, scale, sum_layers);
+      },
+      "flatkern::hessian_trace through the dispatcher's typed entry (not for torch.compile traces)");
+  m.def(
+      "call_hessian_trace_and_grad",
+      [](const std::vector<at::Tensor>& weights, int64_t family, const std::vector<at::Tensor>& operands,
+         double scale, bool sum_layers, const std::optional<std::vector<at::Tensor>>& into, double alpha) {
+        pybind11::gil_scoped_release no_gil;
+        return flatkern::call_hessian_trace_and_grad(weights, family, operands, scale, sum_layers, into, alpha);
+      },
+      pybind11::arg("weights"), pybind11::arg("family"), pybind11::arg("operands"), pybind11::arg("scale"),
+      pybind11::arg("sum_layers"), pybind11::arg("into") = pybind11::none(), pybind11::arg("alpha") = 1.0,
+      "flatkern::hessian_trace_and_grad through the dispatcher's typed entry: (terms, grads); with into, "
+      "into[j] += alpha * grads[j] in place and grads is empty (not for torch.compile traces)");
   pybind11::dict families;
   families["ISOTROPIC"] = static_cast<int64_t>(flatkern::ISOTROPIC);
   families["ENTRIES"] = static_cast<int64_t>(flatkern::ENTRIES);

@@ -235,15 +235,14 @@ class TraceProblem:
     @staticmethod
     def _signature(weights):
         first = weights[0]
-        return (first.dtype, first.device, tuple(w.shape for w in weights))
+        return (first.dtype, first.device, [w.shape for w in weights])  # a list: no generator frame per call
 
     def _route(self, weights) -> str:
-        if (type(weights) is not list or len(weights) != len(self._ids)
-                or self._signature(weights) != self._key
-                or [id(w) for w in weights] != self._ids):
+        if (type(weights) is not list or [id(w) for w in weights] != self._ids
+                or self._signature(weights) != self._key):
             self._validate(weights)
         route = self.route
-        if route != "op" or routing.transform_active() is not None or torch.compiler.is_compiling():
+        if route != "op" or torch.compiler.is_compiling() or routing.transform_active() is not None:
             # what the validation cannot fix for later calls: a transform or a graph around this one
             route = routing.resolve(self.backend, weights, self.measurements.family)
         return route

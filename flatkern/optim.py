@@ -464,7 +464,7 @@ class FlatnessRegularized(_Regularized):
 
     def _use_all_reduce(self) -> bool:
         # Isotropic is a population, not a shard: every rank already has the whole trace
-        return not isinstance(self.measurements, Isotropic) and super()._use_all_reduce()
+        return not isinstance(self.measurements, Isotropic) and _Regularized._use_all_reduce(self)
 
     def _all_reduce(self, trace: torch.Tensor, grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The trace and its gradient over the union of the ranks' shards (one collective)."""

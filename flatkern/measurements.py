@@ -12,8 +12,14 @@ product ``(..., d_{j-1}, d_0)``.  ``None`` stands for an identity (``P_L`` and
 ``2 Σ_j contract(P_j, Q_j)`` for ``reduction="mean"`` and ``n`` times that
 for ``"sum"``.
 
-Measurement tensors carry no batch dimension: one set of measurements is
-shared by every problem of a batch of weights.
+Per-problem measurements.  Every family but ``Isotropic`` takes its tensors with
+leading batch dimensions ``(...)`` (``Entries`` rows and cols ``(..., n)``,
+``RankOne`` u ``(..., n, d_L)`` and v ``(..., n, d_0)``, ``Dense`` A
+``(..., n, d_L, d_0)``, ``Inputs`` x ``(..., N, d_0)``): problem ``p`` of a batch of
+weights ``(..., d_j, d_{j-1})`` is then measured by its own set, and the batch
+shape (``batch_shape``) must equal the weights' batch shape exactly (checked by
+``check``).  Without such dimensions one set is shared by every problem of the
+batch (broadcast), as before.  ``n`` is the same for every problem of a set.
 
 A measurement object is a value: it keeps private copies of the tensors it is
 given, so nothing the caller does to those tensors afterwards (in-place edits,
@@ -48,6 +54,8 @@ class Measurements:
     n: int | None
     #: the family's code in ``flatkern.kernels.families``
     family: int
+    #: the per-problem batch ``(...)`` of the tensors; ``()``: one set shared by every problem
+    batch_shape: tuple[int, ...] = ()
     _operands: tuple | None = None
 
     @property
@@ -74,7 +82,14 @@ class Measurements:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def check(self, d_L: int, d_0: int, like: torch.Tensor) -> None:
-        """Raise if these measurements do not fit an ``E`` of shape ``(d_L, d_0)`` with ``like``'s dtype/device."""
+        """Raise if these measurements do not fit an ``E`` of shape ``(d_L, d_0)`` with ``like``'s dtype/device,
+        or carry a per-problem batch other than ``like``'s batch shape ``like.shape[:-2]``."""
+        if self.batch_shape and tuple(like.shape[:-2]) != self.batch_shape:
+            raise ValueError(
+                f"{self!r} holds one measurement set per problem for a batch of shape {self.batch_shape}, but the "
+                f"weights have batch shape {tuple(like.shape[:-2])} (weights[0] has shape {tuple(like.shape)}); "
+                "per-problem measurements need the same batch shape as the weights, or pass one shared set "
+                "without batch dimensions")
         self._check_shape(d_L, d_0)
         for name, t in self._float_tensors():
             check_floating(t, f"{type(self).__name__}.{name}", like)
@@ -115,10 +130,9 @@ def _check_tensor(t, name: str) -> None:
                         " (convert it with torch.as_tensor)")
 
 
-def _check_1d_count(t: torch.Tensor, name: str) -> int:
-    if t.dim() == 0 or t.shape[0] == 0:
-        raise ValueError(f"{name} holds zero measurements (shape {tuple(t.shape)}); need at least one")
-    return t.shape[0]
+def _batch_note(batch: tuple[int, ...]) -> str:
+    """``", batch=(3,)"`` for a per-problem set (the reprs), ``""`` for a shared one."""
+    return f", batch={batch}" if batch else ""
 
 
 class Isotropic(Measurements):
@@ -163,7 +177,8 @@ class Entries(Measurements):
     ``contract = (1/n) Σ_i ‖P[rows_i, :]‖² ‖Q[:, cols_i]‖²``.
 
     Args:
-        rows, cols: integer tensors of shape ``(n,)``.
+        rows, cols: integer tensors of shape ``(n,)`` (one set for every problem), or ``(..., n)``
+            with ``(...)`` the weights' batch shape (problem ``p`` observes ``rows[p], cols[p]``).
         shape: ``(d_L, d_0)``, the shape of ``E``; indices are checked against it.
     """
 
@@ -174,11 +189,13 @@ class Entries(Measurements):
         for name, t in (("rows", rows), ("cols", cols)):
             if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
                 raise TypeError(f"Entries {name} must be an integer tensor, got dtype {t.dtype}")
-            if t.dim() != 1:
-                raise ValueError(f"Entries {name} must have shape (n,), got {tuple(t.shape)}")
+            if t.dim() == 0:
+                raise ValueError(f"Entries {name} must have shape (n,) or (..., n), got {tuple(t.shape)}")
         if rows.shape != cols.shape:
-            raise ValueError(f"Entries rows {tuple(rows.shape)} and cols {tuple(cols.shape)} must have the same shape (n,)")
-        _check_1d_count(rows, "Entries rows")
+            raise ValueError(f"Entries rows {tuple(rows.shape)} and cols {tuple(cols.shape)} must have the same shape "
+                             "(n,) or (..., n)")
+        if rows.shape[-1] == 0:
+            raise ValueError(f"Entries rows holds zero measurements (shape {tuple(rows.shape)}); need at least one")
         if not hasattr(shape, "__len__") or len(shape) != 2:
             raise ValueError(f"Entries shape must be (d_L, d_0), got {shape!r}")
         self.shape = (check_int(shape[0], "Entries shape[0] (d_L)", minimum=1),
@@ -186,11 +203,14 @@ class Entries(Measurements):
         # private copies first, then the range check: a later edit of the caller's tensors cannot bypass it
         rows, cols = _private(rows, torch.long), _private(cols, torch.long)
         for name, t, size in (("rows", rows, self.shape[0]), ("cols", cols, self.shape[1])):
+            if t.numel() == 0:  # an empty batch: nothing to check
+                continue
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= size:
                 raise ValueError(f"Entries {name} must lie in [0, {size}) for shape {self.shape}, found values in [{lo}, {hi}]")
         self.rows, self.cols = rows, cols
-        self.n = rows.shape[0]
+        self.n = rows.shape[-1]
+        self.batch_shape = tuple(rows.shape[:-1])
 
     def _make_operands(self):
         # the indices only: memory O(n), never O(d_L d_0) (a 10^5 x 10^5 completion problem must fit)
@@ -220,12 +240,18 @@ class Entries(Measurements):
         return cls(flat // shape[1], flat % shape[1], shape).to(device)
 
     def predict(self, E):
+        if self.batch_shape:  # problem p reads its own entries: a gather along the flattened E[p]
+            return torch.take_along_dim(E.flatten(-2), self.rows * E.shape[-1] + self.cols, dim=-1)
         return E[..., self.rows, self.cols]
 
     def contract(self, P, Q, d_L, d_0):
         # squared row norms of P and column norms of Q, gathered per entry
         if P is None and Q is None:
             return 1.0
+        if self.batch_shape:  # per-problem indices: gathers along the last dim, problem by problem
+            r = 1.0 if P is None else torch.take_along_dim(P.square().sum(-1), self.rows, dim=-1)
+            c = 1.0 if Q is None else torch.take_along_dim(Q.square().sum(-2), self.cols, dim=-1)
+            return (r * c).mean(-1)
         r = 1.0 if P is None else P.square().sum(-1)[..., self.rows]
         c = 1.0 if Q is None else Q.square().sum(-2)[..., self.cols]
         return (r * c).mean(-1)
@@ -252,7 +278,7 @@ class Entries(Measurements):
         return Entries(self.rows.to(device), self.cols.to(device), self.shape)
 
     def __repr__(self):
-        return f"Entries(n={self.n}, shape={self.shape})"
+        return f"Entries(n={self.n}, shape={self.shape}{_batch_note(self.batch_shape)})"
 
 
 class RankOne(Measurements):
@@ -261,7 +287,8 @@ class RankOne(Measurements):
     ``contract = (1/n) Σ_i ‖Pᵀ u_i‖² ‖Q v_i‖²``.
 
     Args:
-        u: ``(n, d_L)``;  v: ``(n, d_0)``.
+        u: ``(n, d_L)``;  v: ``(n, d_0)``; or ``(..., n, d_L)`` and ``(..., n, d_0)``, one set per
+            problem of a batch of weights of batch shape ``(...)``.
     """
 
     family = families.RANK_ONE
@@ -269,17 +296,22 @@ class RankOne(Measurements):
     def __init__(self, u: torch.Tensor, v: torch.Tensor):
         for name, t in (("u", u), ("v", v)):
             _check_tensor(t, f"RankOne {name}")
-            if t.dim() != 2:
-                raise ValueError(f"RankOne {name} must be a tensor of shape (n, d), got {getattr(t, 'shape', type(t))}")
-        if u.shape[0] != v.shape[0]:
-            raise ValueError(f"RankOne u {tuple(u.shape)} and v {tuple(v.shape)} must have the same number of rows n")
-        _check_1d_count(u, "RankOne u")
-        self.u, self.v, self.n = _private(u), _private(v), u.shape[0]
+            if t.dim() < 2:
+                raise ValueError(f"RankOne {name} must be a tensor of shape (n, d) or (..., n, d), got {tuple(t.shape)}")
+        if u.shape[:-1] != v.shape[:-1]:
+            raise ValueError(f"RankOne u {tuple(u.shape)} and v {tuple(v.shape)} must have the same batch shape and "
+                             "number of rows n: (..., n, d_L) and (..., n, d_0)")
+        if u.shape[-2] == 0:
+            raise ValueError(f"RankOne u holds zero measurements (shape {tuple(u.shape)}); need at least one")
+        self.u, self.v, self.n = _private(u), _private(v), u.shape[-2]
+        self.batch_shape = tuple(u.shape[:-2])
 
     def _make_operands(self):
         return (self.u, self.v)
 
     def predict(self, E):
+        if self.batch_shape:
+            return torch.einsum("...ab,...na,...nb->...n", E, self.u, self.v)
         return torch.einsum("...ab,na,nb->...n", E, self.u, self.v)
 
     def contract(self, P, Q, d_L, d_0):
@@ -291,7 +323,7 @@ class RankOne(Measurements):
         return (self.n,)
 
     def _check_shape(self, d_L, d_0):
-        if self.u.shape[1] != d_L or self.v.shape[1] != d_0:
+        if self.u.shape[-1] != d_L or self.v.shape[-1] != d_0:
             raise ValueError(
                 f"RankOne u {tuple(self.u.shape)} and v {tuple(self.v.shape)} need widths (n, {d_L}) and (n, {d_0}) "
                 f"to measure E of shape ({d_L}, {d_0})"
@@ -304,27 +336,30 @@ class RankOne(Measurements):
         return RankOne(self.u.to(*args, **kwargs), self.v.to(*args, **kwargs))
 
     def __repr__(self):
-        return f"RankOne(n={self.n}, d_L={self.u.shape[1]}, d_0={self.v.shape[1]})"
+        return f"RankOne(n={self.n}, d_L={self.u.shape[-1]}, d_0={self.v.shape[-1]}{_batch_note(self.batch_shape)})"
 
 
 class Dense(Measurements):
     """General sensing with dense matrices ``A`` of shape ``(n, d_L, d_0)``; predictions ``<A_i, E>``.
 
-    ``contract = (1/n) Σ_i <A_i, (P Pᵀ) A_i (Qᵀ Q)>``.
+    ``contract = (1/n) Σ_i <A_i, (P Pᵀ) A_i (Qᵀ Q)>``.  ``A`` of shape ``(..., n, d_L, d_0)`` gives
+    each problem of a batch of weights of batch shape ``(...)`` its own ``n`` matrices.
     """
 
     def __init__(self, A: torch.Tensor):
         _check_tensor(A, "Dense A")
-        if A.dim() != 3:
-            raise ValueError(f"Dense A must have shape (n, d_L, d_0), got {tuple(A.shape)}")
-        _check_1d_count(A, "Dense A")
-        # one private copy, stored as Ap (d_L, n, d_0) in which the C++ kernel's Σ_i A_i G A_iᵀ is two
+        if A.dim() < 3:
+            raise ValueError(f"Dense A must have shape (n, d_L, d_0) or (..., n, d_L, d_0), got {tuple(A.shape)}")
+        if A.shape[-3] == 0:
+            raise ValueError(f"Dense A holds zero measurements (shape {tuple(A.shape)}); need at least one")
+        # one private copy, stored as Ap (..., d_L, n, d_0) in which the C++ kernel's Σ_i A_i G A_iᵀ is two
         # plain matrix products; A is a view of it
-        self._Ap = _private(A.permute(1, 0, 2))
-        self.A, self.n = self._Ap.permute(1, 0, 2), A.shape[0]
+        self._Ap = _private(A.transpose(-3, -2))
+        self.A, self.n = self._Ap.transpose(-3, -2), A.shape[-3]
+        self.batch_shape = tuple(A.shape[:-3])
         # docs/MATH.md cost model: through K = (1/n) Σ vec(A_i) vec(A_i)ᵀ a contraction costs O((d_0 d_L)²)
         # instead of O(n d_0 d_L (d_0 + d_L)): the better choice when n > d_0 d_L
-        self.family = families.DENSE_KERNEL if self.n > A.shape[1] * A.shape[2] else families.DENSE
+        self.family = families.DENSE_KERNEL if self.n > A.shape[-2] * A.shape[-1] else families.DENSE
 
     def _make_operands(self):
         if self.family == families.DENSE_KERNEL:
@@ -337,7 +372,7 @@ class Dense(Measurements):
         return cls(torch.randn(n, *shape, generator=generator, dtype=dtype).to(device))
 
     def kernel(self) -> torch.Tensor:
-        """``K[a, b, c, d] = (1/n) Σ_i A_i[a, b] A_i[c, d]``, shape ``(d_L, d_0, d_L, d_0)``.
+        """``K[a, b, c, d] = (1/n) Σ_i A_i[a, b] A_i[c, d]``, shape ``(..., d_L, d_0, d_L, d_0)``.
 
         With it ``contract = Σ K[a,b,c,d] (P Pᵀ)[a,c] (Qᵀ Q)[d,b]`` costs
         ``O((d_0 d_L)²)`` instead of ``O(n d_0 d_L (d_0 + d_L))``: the better
@@ -348,20 +383,23 @@ class Dense(Measurements):
         (``(d_L d_0)²`` elements, one copy per call): the cache is what the kernels
         read, so handing it out would let ``kernel().mul_(2)`` change later answers.
         """
-        return self._kernel_pairs().permute(0, 2, 1, 3).clone(memory_format=torch.contiguous_format)
+        return self._kernel_pairs().transpose(-3, -2).clone(memory_format=torch.contiguous_format)
 
     def _kernel_pairs(self) -> torch.Tensor:
-        """``K`` as ``Kp[a, c, b, d] = K[a, b, c, d]``, contiguous, shape ``(d_L, d_L, d_0, d_0)``.
+        """``K`` as ``Kp[a, c, b, d] = K[a, b, c, d]``, contiguous, shape ``(..., d_L, d_L, d_0, d_0)``.
 
         In this layout ``Σ_{b,d} K[a,b,c,d] G[b,d]`` (G symmetric) is one
         matrix-vector product of ``Kp`` viewed as ``(d_L², d_0²)`` with ``vec(G)``.
         """
         if getattr(self, "_Kp", None) is None:
             with torch.inference_mode(False):
-                self._Kp = (torch.einsum("iab,icd->acbd", self.A, self.A) / self.n).contiguous()
+                spec = "...iab,...icd->...acbd" if self.batch_shape else "iab,icd->acbd"
+                self._Kp = (torch.einsum(spec, self.A, self.A) / self.n).contiguous()
         return self._Kp
 
     def predict(self, E):
+        if self.batch_shape:
+            return torch.einsum("...ab,...nab->...n", E, self.A)
         return torch.einsum("...ab,nab->...n", E, self.A)
 
     def contract(self, P, Q, d_L, d_0):
@@ -377,7 +415,7 @@ class Dense(Measurements):
         return (self.n,)
 
     def _check_shape(self, d_L, d_0):
-        if tuple(self.A.shape[1:]) != (d_L, d_0):
+        if tuple(self.A.shape[-2:]) != (d_L, d_0):
             raise ValueError(f"Dense A has shape {tuple(self.A.shape)} but E has shape ({d_L}, {d_0}); need (n, {d_L}, {d_0})")
 
     def _float_tensors(self):
@@ -387,7 +425,7 @@ class Dense(Measurements):
         return Dense(self.A.to(*args, **kwargs))
 
     def __repr__(self):
-        return f"Dense(n={self.n}, shape={tuple(self.A.shape[1:])})"
+        return f"Dense(n={self.n}, shape={tuple(self.A.shape[-2:])}{_batch_note(self.batch_shape)})"
 
 
 class Inputs(Measurements):
@@ -397,37 +435,43 @@ class Inputs(Measurements):
     averages over every output).  ``contract = ‖P‖_F² ‖Q xᵀ‖_F² / (N d_L)``.
 
     Args:
-        x: ``(N, d_0)`` inputs.
+        x: ``(N, d_0)`` inputs, or ``(..., N, d_0)``: problem ``p`` of a batch of weights of batch
+            shape ``(...)`` sees its own ``x[p]``.
     """
 
     family = families.INPUTS
 
     def __init__(self, x: torch.Tensor):
         _check_tensor(x, "Inputs x")
-        if x.dim() != 2:
-            raise ValueError(f"Inputs x must have shape (N, d_0), got {tuple(x.shape)}")
-        _check_1d_count(x, "Inputs x")
+        if x.dim() < 2:
+            raise ValueError(f"Inputs x must have shape (N, d_0) or (..., N, d_0), got {tuple(x.shape)}")
+        if x.shape[-2] == 0:
+            raise ValueError(f"Inputs x holds zero measurements (shape {tuple(x.shape)}); need at least one")
         self.x = _private(x)
+        self.batch_shape = tuple(x.shape[:-2])
         self.n = None  # depends on d_L; see num_measurements
 
     def predict(self, E):
         return self.x @ E.transpose(-1, -2)
 
     def contract(self, P, Q, d_L, d_0):
-        qx = self.x.square().sum() if Q is None else (self.x @ Q.transpose(-1, -2)).square().sum((-2, -1))
-        return _fro2(P, d_L) * qx / (self.x.shape[0] * d_L)
+        if Q is not None:
+            qx = (self.x @ Q.transpose(-1, -2)).square().sum((-2, -1))
+        else:
+            qx = self.x.square().sum((-2, -1)) if self.batch_shape else self.x.square().sum()
+        return _fro2(P, d_L) * qx / (self.x.shape[-2] * d_L)
 
     def num_measurements(self, reduction, d_L):
-        return self.x.shape[0] * d_L
+        return self.x.shape[-2] * d_L
 
     def _make_operands(self):
         return (self.x,)
 
     def target_shape(self, d_L, d_0):
-        return (self.x.shape[0], d_L)
+        return (self.x.shape[-2], d_L)
 
     def _check_shape(self, d_L, d_0):
-        if self.x.shape[1] != d_0:
+        if self.x.shape[-1] != d_0:
             raise ValueError(f"Inputs x has shape {tuple(self.x.shape)} but E has shape ({d_L}, {d_0}); need (N, {d_0})")
 
     def _float_tensors(self):
@@ -437,7 +481,7 @@ class Inputs(Measurements):
         return Inputs(self.x.to(*args, **kwargs))
 
     def __repr__(self):
-        return f"Inputs(N={self.x.shape[0]}, d_0={self.x.shape[1]})"
+        return f"Inputs(N={self.x.shape[-2]}, d_0={self.x.shape[-1]}{_batch_note(self.batch_shape)})"
 
 
 def _decode(cls, family: int, operands: tuple) -> Measurements:
@@ -445,14 +489,17 @@ def _decode(cls, family: int, operands: tuple) -> Measurements:
     copy, no checks): how an op's plain-torch kernel gets back to the reference formulas.  Bound into
     the family registry (``flatkern/kernels/families.py``) below, so that kernels never import this module."""
     m = cls.__new__(cls)
-    m.n = families.get(family).measurement_count([o.shape for o in operands]) or None
+    row = families.get(family)
+    shapes = [o.shape for o in operands]
+    m.n = row.measurement_count(shapes) or None
+    m.batch_shape = row.batch_shape(shapes)
     if family == families.ENTRIES:
         m.rows, m.cols, m.shape = operands[0], operands[1], None
     elif family == families.RANK_ONE:
         m.u, m.v = operands
     elif family in (families.DENSE, families.DENSE_KERNEL):
         m._Ap, m.family = operands[0], family
-        m.A = operands[0].permute(1, 0, 2)
+        m.A = operands[0].transpose(-3, -2)
         if family == families.DENSE_KERNEL:
             m._Kp = operands[1]
     elif family == families.INPUTS:

@@ -20,14 +20,62 @@ from ._checks import check_backend, check_reduction, check_widths
 from .measurements import Inputs
 from .ops import end_to_end, hessian_trace
 
-__all__ = ["DeepLinear", "hessian_trace_of", "hessian_trace_and_grad_of"]
+__all__ = ["DeepLinear", "BatchedLinear", "hessian_trace_of", "hessian_trace_and_grad_of"]
 
 LOSSES = ("mse", "cross_entropy")
+
+
+def _check_batch(batch) -> tuple[int, ...]:
+    """``batch`` as a tuple of ints >= 1 (``()``: one network), or an error naming ``batch``."""
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        batch = (batch,)
+    if not isinstance(batch, (tuple, list, torch.Size)) or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch):
+        raise ValueError(f"DeepLinear batch must be a tuple of ints >= 1 (the problems' batch shape), got {batch!r}")
+    return tuple(batch)
 
 
 def _check_widths(widths) -> list[int]:
     """``[d_0, ..., d_L]`` as Python ints, or an error naming ``widths`` (the one rule: ``_checks.check_widths``)."""
     return check_widths(widths)
+
+
+class BatchedLinear(nn.Module):
+    """``B`` independent ``nn.Linear(in_features, out_features)`` layers in one module (one per problem).
+
+    ``weight``: ``(*batch, out_features, in_features)``; ``bias``: ``(*batch, out_features)`` or
+    ``None``; both drawn, problem by problem, from ``nn.Linear``'s default distribution
+    (``U(-1/√in_features, 1/√in_features)``).  ``forward(x)``: ``x (*batch, ..., in_features)`` →
+    ``x W[p]ᵀ + c[p]`` for problem ``p``, shape ``(*batch, ..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, batch: tuple[int, ...], bias: bool = False, *,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.batch = in_features, out_features, tuple(batch)
+        bound = 1.0 / in_features ** 0.5  # nn.Linear's kaiming_uniform_(a=√5) and its bias: both 1/√fan_in
+        weight = torch.empty(*self.batch, out_features, in_features, device=device, dtype=dtype)
+        self.weight = nn.Parameter(weight.uniform_(-bound, bound))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(*self.batch, out_features, device=device, dtype=dtype)
+                                     .uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[: len(self.batch)]) != self.batch or x.dim() < len(self.batch) + 2:
+            raise ValueError(f"BatchedLinear of batch {self.batch} takes x of shape (*{self.batch}, N, "
+                             f"{self.in_features}), got {tuple(x.shape)}")
+        extra = x.dim() - len(self.batch) - 1  # sample dims between the batch and the features
+        W = self.weight.reshape(*self.batch, *(1,) * (extra - 1), self.out_features, self.in_features)
+        y = x @ W.transpose(-1, -2)
+        if self.bias is not None:
+            y = y + self.bias.reshape(*self.batch, *(1,) * extra, self.out_features)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, batch={self.batch}, "
+                f"bias={self.bias is not None}")
 
 
 class DeepLinear(nn.Module):
@@ -38,15 +86,27 @@ class DeepLinear(nn.Module):
             count as ints, bools and floats do not); layer ``j`` is an ``nn.Linear(d_{j-1}, d_j)``
             (PyTorch's default initialization), so ``W_j`` has shape ``(d_j, d_{j-1})``.
         bias: give every layer a bias ``c_j`` of shape ``(d_j,)``.
+        batch: ``B`` independent networks at once (issue 21): layer ``j`` is a ``BatchedLinear``
+            with ``W_j`` of shape ``(*batch, d_j, d_{j-1})``, each problem drawn as ``nn.Linear``
+            draws its weights; ``forward`` takes ``x (*batch, N, d_0)``.  ``weights`` is then the
+            batched chain that ``hessian_trace`` and ``FlatnessRegularized`` take (with one
+            measurement set per problem, or one shared).  ``()`` (the default): one network.
 
     Attributes:
-        layers: ``nn.ModuleList`` of the ``L`` ``nn.Linear`` layers, ``W_1`` first.
+        layers: ``nn.ModuleList`` of the ``L`` ``nn.Linear`` (or ``BatchedLinear``) layers, ``W_1`` first.
         widths: the widths as a list of Python ints (``dims`` is the same list).
     """
 
-    def __init__(self, widths, bias: bool = False, *, device=None, dtype=None):
+    def __init__(self, widths, bias: bool = False, *, batch=(), device=None, dtype=None):
         super().__init__()
         self.widths = _check_widths(widths)
+        self.batch = _check_batch(batch)
+        if self.batch:
+            self.layers = nn.ModuleList(
+                BatchedLinear(self.widths[j], self.widths[j + 1], self.batch, bias=bias, device=device, dtype=dtype)
+                for j in range(len(self.widths) - 1)
+            )
+            return
         self.layers = nn.ModuleList(
             nn.Linear(self.widths[j], self.widths[j + 1], bias=bias, device=device, dtype=dtype)
             for j in range(len(self.widths) - 1)
@@ -68,7 +128,7 @@ class DeepLinear(nn.Module):
         return [layer.bias for layer in self.layers]
 
     def end_to_end(self, *, backend: str = "auto") -> torch.Tensor:
-        """``E = W_L ⋯ W_1``, shape ``(d_L, d_0)`` (biases not included)."""
+        """``E = W_L ⋯ W_1``, shape ``(*batch, d_L, d_0)`` (biases not included)."""
         return end_to_end(self.weights, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +139,8 @@ class DeepLinear(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"widths={self.widths}, bias={self.layers[0].bias is not None}"
+        batch = f", batch={self.batch}" if self.batch else ""
+        return f"widths={self.widths}, bias={self.layers[0].bias is not None}{batch}"
 
 
 def _suffix_products(weights: list[torch.Tensor]) -> list[torch.Tensor | None]:

@@ -90,6 +90,21 @@ def _split_params(params) -> tuple[list[torch.Tensor], list]:
     return groups, groups
 
 
+def _check_problem_lam(lam: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``lam``, one strength per problem, as a private tensor of ``like``'s dtype and device: a real
+    tensor of the weights' batch shape ``like.shape[:-2]``, finite and ``>= 0``; else an error naming it."""
+    batch = tuple(like.shape[:-2])
+    if lam.dtype == torch.bool or lam.is_complex():
+        raise TypeError(f"lam must be a number or a real tensor (one lam per problem), got dtype {lam.dtype}")
+    if tuple(lam.shape) != batch:
+        raise ValueError(f"lam has shape {tuple(lam.shape)}, but one lam per problem needs the weights' batch shape "
+                         f"{batch} (weights[0] has shape {tuple(like.shape)}); pass a number for one lam for all")
+    lam = lam.detach().to(dtype=like.dtype, device=like.device).clone()
+    if not bool(((lam >= 0) & (lam < _INF)).all()):  # NaN fails both comparisons
+        raise ValueError(f"lam must be finite and >= 0 for every problem, got {lam}")
+    return lam
+
+
 def _read_groups(params) -> list:
     """``list(params)``, each group's ``"params"`` read into a list: a generator there (``model[0].parameters()``)
     is read once, by these checks, and would leave the base optimizer an empty group that never steps."""
@@ -287,6 +302,10 @@ class _Regularized(torch.optim.Optimizer):
     def _on_regroup(self) -> None:
         """Called when ``_group_index`` rebuilds its map (a subclass caches what depends on it)."""
 
+    def _trace_sum(self, trace: torch.Tensor) -> torch.Tensor:
+        """What ``lam`` multiplies in the closure's value: the trace summed over a batch of problems."""
+        return trace.sum()
+
     def _use_all_reduce(self) -> bool:
         if self.sharded is False:
             return False
@@ -334,7 +353,7 @@ class _Regularized(torch.optim.Optimizer):
             if trace is None or loss is None:
                 return loss
             with torch.no_grad():
-                return loss + lam * trace.sum()
+                return loss + lam * self._trace_sum(trace)
 
         loss = self.base_optimizer.step(regularized_closure)
         # the first evaluation is at the weights before the step
@@ -361,6 +380,14 @@ class FlatnessRegularized(_Regularized):
       every ``step``.  A weight in a group with ``lam = 0`` gets no regularizer.
       With all ``lam`` equal (the usual case) the added gradient is exactly
       ``lam ∇ tr``.
+    - Batched weights ``(..., d_j, d_{j-1})`` are independent problems (issue 21),
+      each measured by its own set or by one shared set: the added gradient of
+      problem ``p`` is that of its own trace.  ``lam`` may then be a tensor of the
+      weights' batch shape ``(...)``, one strength per problem (``problem_lam``,
+      checked once); the groups' ``lam`` (default 1.0) multiplies it, so
+      problem ``p`` gets ``group["lam"] · lam[p] · ∇ tr_p``.  With an elementwise
+      base optimizer (SGD, Adam, ...) one optimizer then steps the problems as
+      separate runs would; one that couples entries (LBFGS's line search) does not.
     - ``step(closure)``: the closure is wrapped so that every evaluation the
       base optimizer makes (``torch.optim.LBFGS`` makes several, in its line
       search) sees the regularized objective: the gradients get
@@ -393,8 +420,10 @@ class FlatnessRegularized(_Regularized):
             optimized but not regularized).
         base_optimizer: an optimizer class (or factory) called as
             ``base_optimizer(param_groups, **base_kwargs)``; not an optimizer object.
-        lam: regularization strength ``>= 0`` (default for every group).
-        measurements: a flatkern measurement family for ``E = W_L ⋯ W_1``.
+        lam: regularization strength ``>= 0`` (default for every group), or a tensor of the
+            weights' batch shape: one strength per problem (see above).
+        measurements: a flatkern measurement family for ``E = W_L ⋯ W_1`` (one set shared by
+            every problem of batched weights, or one per problem: ``flatkern.measurements``).
         reduction: ``"mean"`` or ``"sum"``, the reduction of the regularized trace.
         backend: backend of the trace (``"auto"`` picks the fast one).
         sharded: all-reduce the regularizer under ``torch.distributed`` (see above);
@@ -416,7 +445,7 @@ class FlatnessRegularized(_Regularized):
         process_group=None,
         **base_kwargs,
     ):
-        lam = check_lam(lam)
+        problem_lam, lam = (lam, 1.0) if isinstance(lam, torch.Tensor) else (None, check_lam(lam))
         _check_base_optimizer(base_optimizer)
         check_reduction(reduction)
         check_backend(backend)
@@ -427,6 +456,8 @@ class FlatnessRegularized(_Regularized):
             )
         chain, groups = _split_params(params)
         self._weights = check_weights(chain, "params")
+        #: one lam per problem (the weights' batch shape), or None
+        self.problem_lam = None if problem_lam is None else _check_problem_lam(problem_lam, self._weights[0])
         check_no_shared_memory(_chain_and_group_params(self._weights, groups))
         # the measurements, widths, dtype and route, checked once: each step re-checks only what can change
         self._problem = TraceProblem(self._weights, measurements, reduction=reduction, backend=backend)
@@ -516,8 +547,14 @@ class FlatnessRegularized(_Regularized):
                 # the usual step: W_j.grad += lam ∂ tr/∂W_j inside the kernel's own call
                 return self._current_problem().accumulate(self._weights, into, lam)
         trace, grads = self.regularizer_grads()  # never requires grad: no graph, whatever the grad mode
+        if self.problem_lam is not None:  # problem p's gradient scaled by its own lam
+            scale = self.problem_lam[..., None, None]
+            grads = [g * scale for g in grads]
         _add_to_grads(self._weights, grads, lam, lams)
         return trace
+
+    def _trace_sum(self, trace: torch.Tensor) -> torch.Tensor:
+        return trace.sum() if self.problem_lam is None else (self.problem_lam * trace).sum()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Add ``lam ∇ tr ∇²L`` to the gradients and step the base optimizer.
@@ -550,6 +587,9 @@ class FlatnessRegularized(_Regularized):
         # never raises, whatever the groups hold (a group without lam, a lam of any type)
         lams = list(dict.fromkeys(repr(g.get("lam", "missing")) for g in self.param_groups))
         lam = lams[0] if len(lams) == 1 else "[" + ", ".join(lams) + "]"
+        problem_lam = getattr(self, "problem_lam", None)
+        if problem_lam is not None:  # the groups' lam multiplies one lam per problem
+            lam = f"{lam} x {problem_lam.tolist()}"
         return (
             f"FlatnessRegularized(lam={lam}, measurements={self.measurements!r}, "
             f"reduction={self.reduction!r}, base={self.base_optimizer!r})"

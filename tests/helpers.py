@@ -127,6 +127,26 @@ def make_measurements(family, d_L, d_0, n=7, dtype=torch.float64, seed=1):
     return measurements_from(family, tensors), targets
 
 
+def per_problem_sources(family, d_L, d_0, batch, n=7, dtype=torch.float64, seed=1):
+    """``(tensors, targets, sets)``: one measurement set per problem of a batch of shape ``batch``,
+    stacked (``tensors`` build the per-problem object with ``measurements_from``), with stacked
+    targets, and the ``prod(batch)`` sets one by one (``[(tensors_b, targets_b), ...]``, in the
+    order of the flattened batch), each drawn with its own seed as ``measurement_sources`` draws one.
+    """
+    import math
+
+    sets = [measurement_sources(family, d_L, d_0, n=n, dtype=dtype, seed=seed + 7919 * b)
+            for b in range(math.prod(batch))]
+    tensors = {}
+    for key, value in sets[0][0].items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = torch.stack([s[0][key] for s in sets]).reshape(*batch, *value.shape)
+        else:
+            tensors[key] = value  # Entries' shape, Isotropic's n: the same for every problem
+    targets = torch.stack([s[1] for s in sets]).reshape(*batch, *sets[0][1].shape)
+    return tensors, targets, sets
+
+
 def assert_close_to_reference(got, ref, dtype, msg=None):
     """``got`` (computed in ``dtype``) against the float64 ``ref``, with ``TOL[dtype]``; atol is
     relative to ``ref``'s largest magnitude."""

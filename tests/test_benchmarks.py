@@ -21,6 +21,7 @@ import flatkern
 import flatkern.benchmarks as B
 from flatkern.benchmarks import cpu_kernels as bck
 from flatkern.benchmarks import floors, peers, timing
+from flatkern.kernels import families as fk_families
 from flatkern.benchmarks import training as bt
 
 TINY = {r.name: r for r in B.TEST_REGIMES}
@@ -249,10 +250,12 @@ def test_bare_product_floors_do_the_products_they_count(floor):
 
 
 def test_bench_cpu_kernels_rows_return_the_reference_gradients():
-    for title, ws, meas, compile_ref, bare in bck.cases():
-        if bare or title.startswith("batched"):
+    for title, ws, meas, compile_ref, floor in bck.cases():
+        if title.startswith(("large", "batched")):
             continue  # the same code as the small cases, only slower
-        providers = bck.providers_for(title, ws, meas, compile_ref, bare, quick=True)
+        if title.startswith("per-problem"):  # issue 21: one measurement set per problem, and a floor
+            assert floor is not None and meas.batch_shape in ((), tuple(ws[0].shape[:-2]))
+        providers = bck.providers_for(title, ws, meas, compile_ref, floor, quick=True)
         assert "torch eager" in providers and len(providers) >= 2
         bck.check_agreement(providers, rtol=1e-3)
 
@@ -352,3 +355,36 @@ def test_skipped_peers_suggest_the_readme_install_command(monkeypatch):
     for name, family in (("BackPACK", "tiny-regression"), ("curvlinops", "tiny")):
         reason = _provider(name).skip(_problem(family))
         assert reason and "not installed" in reason and B.PEER_INSTALL in reason, reason
+
+
+@pytest.mark.parametrize("L", [2, 3, 4])
+@pytest.mark.parametrize("family", ["isotropic", "entries", "rankone", "dense", "inputs"])
+@pytest.mark.parametrize("per_problem", [False, True], ids=["shared", "per_problem"])
+def test_batched_family_floors_do_the_products_they_count(family, L, per_problem):
+    """Issue 21 §3: ``floors.family_products`` does ``family_product_count`` products, for shared and
+    per-problem measurement sets, and the L = 4 chain alone is trace_products' 12 (as torch.bmm)."""
+    from helpers import make_weights, measurements_from, per_problem_sources
+    from torch.overrides import TorchFunctionMode
+
+    class CountMatmul(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.matmul, torch.mm, torch.bmm):
+                CountMatmul.count += 1
+            return func(*args, **(kwargs or {}))
+
+    dims = [5, 6, 4, 7, 3][: L + 1]
+    ws = make_weights(dims, batch=(3,))
+    tensors, _, _ = per_problem_sources(family, dims[-1], dims[0], (3,) if per_problem else (1,), n=4)
+    if not per_problem:  # one shared set: drop the batch of one
+        tensors = {k: v[0] if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+    meas = measurements_from(family, tensors)
+    with CountMatmul():
+        floors.family_products(ws, meas)
+    assert CountMatmul.count == floors.family_product_count(meas.family, L)
+    if L == 4:
+        CountMatmul.count = 0
+        with CountMatmul():
+            floors.trace_products(ws)
+        assert CountMatmul.count == 12 == floors.family_product_count(fk_families.ISOTROPIC, 4)

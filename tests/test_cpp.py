@@ -226,12 +226,14 @@ def test_torch_compile_traces_the_op_without_graph_breaks():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dims", [[16, 32, 17, 48, 8], [33, 64, 40], [128, 30, 128, 96]], ids=str)
+@pytest.mark.parametrize("dims", [[16, 32, 17, 48, 8], [33, 64, 40], [128, 30, 128, 96], [7, 100, 8, 5, 120, 3]],
+                         ids=str)
 @pytest.mark.parametrize("kind", ["isotropic", "entries", "rankone", "inputs"])
 def test_float32_in_cache_kernel_matches_reference_across_tile_edges(kind, dims):
     # the float32 in-cache product reads op(B) in place when its width is a multiple of
-    # 16, transposes 8 x 8 blocks when it is transposed, and pads the rest: widths
-    # on and off those edges, up to the in-cache limit of 128
+    # 16, transposes 8 x 8 blocks when it is transposed, and pads the rest; products at
+    # most 8 wide take an 8 x 8 tile (many rows at once: 100, 120): widths on and off
+    # those edges, up to the in-cache limit of 128
     # against the float64 reference, to float32 rounding relative to each tensor's
     # largest entry (sums of 128 products: entry-wise relative error is not defined
     # for the entries that cancel to near zero)
@@ -342,7 +344,7 @@ def test_saved_tensor_has_the_size_hessian_trace_saved_size_reports(kind):
         (([3, 0], families.ISOTROPIC, []), "widths must lie in"),
         (([3, 4], 7, []), "unknown measurement family 7"),
         (([3, 4], families.RANK_ONE, [[5, 4]]), "RankOne takes 2 operands"),
-        (([3, 4], families.ENTRIES, [[5, 1], [5]]), "Entries operand rows must have 1 dimensions"),
+        (([3, 4], families.ENTRIES, [[], [5]]), "Entries operand rows must have 1 dimensions"),
     ],
 )
 def test_saved_size_rejects_what_the_kernel_rejects(args, match):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import (
     ALL_FAMILIES, LAYOUTS, assert_close_to_reference, autograd_hessian_trace, make_measurements, make_weights,
-    measurement_sources, measurements_from, terms_and_grads,
+    measurement_sources, measurements_from, per_problem_sources, terms_and_grads,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -61,6 +61,14 @@ class Problem:
     def measurements(self):
         return make_measurements(self.family, self.dims[-1], self.dims[0], n=self.n, dtype=self.dtype,
                                  seed=self.seed + 1)
+
+    def per_problem_measurements(self):
+        """``(measurements, targets, sets)``: one set per problem of ``batch`` (``per_problem_sources``),
+        as one per-problem object and stacked targets, and the sets one by one as objects."""
+        tensors, targets, sets = per_problem_sources(self.family, self.dims[-1], self.dims[0], self.batch,
+                                                     n=self.n, dtype=self.dtype, seed=self.seed + 1)
+        return (measurements_from(self.family, tensors), targets,
+                [(measurements_from(self.family, t), b) for t, b in sets])
 
 
 @st.composite
@@ -118,6 +126,54 @@ def test_every_backend_matches_the_reference_on_random_problems(backend, profile
         assert_close_to_reference(value, ref, p.dtype, msg=lambda m: f"hessian_trace_and_grad value: {m}")
         for j, (g, r) in enumerate(zip(value_grads, sum_grads), start=1):
             assert_close_to_reference(g, r, p.dtype, msg=lambda m: f"hessian_trace_and_grad, W_{j}: {m}")
+
+    check()
+
+
+def test_per_problem_measurements_match_the_reference_problem_by_problem(backend, profile):
+    """Issue 21: each problem of a batch measured by its own set.  The batched call (trace, its
+    autograd gradient, the value-and-grad call, the loss) equals the float64 reference run on each
+    problem alone, with its own set: every family, reduction, per_layer, dtype and weight layout."""
+    @_settings(profile, backend)
+    @given(p=problems(**_sizes(backend), batches=((1,), (3,), (2, 2))))
+    def check(p):
+        W = p.weights(requires_grad=True)
+        meas, targets, sets = p.per_problem_measurements()
+        assert meas.batch_shape == (() if p.family == "isotropic" else p.batch)  # Isotropic holds no tensor
+        kw = dict(reduction=p.reduction, per_layer=p.per_layer)
+        got, grads = terms_and_grads(lambda w, m: fk.hessian_trace(w, m, backend=backend, **kw), W, meas,
+                                     seed=p.seed)
+        value, value_grads = fk.hessian_trace_and_grad(W, meas, backend=backend, **kw)
+        loss = fk.mse_loss(W, meas, targets, p.reduction, backend=backend)
+        assert got.shape == p.batch + ((len(W),) if p.per_layer else ()) and got.dtype == p.dtype
+
+        def problems_of(t, tail):  # (prod(batch), *tail): problem b in row b, in the order of `sets`
+            return t.reshape(-1, *t.shape[t.dim() - tail:])
+
+        flat_W = [problems_of(w.detach().double(), 2) for w in W]
+        got_b, value_b, loss_b = problems_of(got, int(p.per_layer)), problems_of(value, int(p.per_layer)), \
+            problems_of(loss, 0)
+        grads_b = [problems_of(g, 2) for g in value_grads]
+        for b, (m_b, t_b) in enumerate(sets):
+            W_b = [w[b].clone().requires_grad_() for w in flat_W]
+            m_b = m_b.to(torch.float64)
+            ref = fk.hessian_trace(W_b, m_b, backend="torch", **kw)
+            ref_grads = torch.autograd.grad(ref.sum(), W_b)
+            assert_close_to_reference(got_b[b], ref, p.dtype, msg=lambda m: f"trace of problem {b}: {m}")
+            assert_close_to_reference(value_b[b], ref, p.dtype, msg=lambda m: f"value of problem {b}: {m}")
+            for j, g_b in enumerate(ref_grads):
+                assert_close_to_reference(grads_b[j][b], g_b, p.dtype,
+                                          msg=lambda m: f"value-and-grad W_{j + 1} of problem {b}: {m}")
+            ref_loss = fk.mse_loss(W_b, m_b, t_b.double(), p.reduction, backend="torch")
+            assert_close_to_reference(loss_b[b], ref_loss, p.dtype, msg=lambda m: f"loss of problem {b}: {m}")
+        # the autograd gradient of the sum of a random projection, problem by problem (terms_and_grads
+        # draws the projection from p.seed): checked against the reference on the whole batch
+        ref_W = [w.detach().double().requires_grad_() for w in W]
+        ref_all, ref_all_grads = terms_and_grads(lambda w, m: fk.hessian_trace(w, m, backend="torch", **kw), ref_W,
+                                                 meas.to(torch.float64), seed=p.seed)
+        assert_close_to_reference(got, ref_all, p.dtype)
+        for j, (g, r) in enumerate(zip(grads, ref_all_grads), start=1):
+            assert_close_to_reference(g, r, p.dtype, msg=lambda m: f"gradient of W_{j}: {m}")
 
     check()
 

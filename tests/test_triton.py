@@ -22,7 +22,10 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 triton = pytest.importorskip("triton")
 
-from helpers import DIMS, FAMILIES, autograd_hessian_trace, make_measurements, make_weights, terms_and_grads  # noqa: E402
+from helpers import (  # noqa: E402
+    ALL_FAMILIES, DIMS, FAMILIES, autograd_hessian_trace, make_measurements, make_weights, measurements_from,
+    per_problem_sources, terms_and_grads,
+)
 
 import flatkern as fk  # noqa: E402
 from flatkern.kernels import families  # noqa: E402
@@ -244,6 +247,31 @@ def test_batched_trace_matches_reference_per_problem(family):
     for idx in [(0, 0), (1, 2), (0, 1)]:
         expected = fk.hessian_trace([w[idx] for w in W], meas, backend="torch")
         torch.testing.assert_close(got[idx], expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["small", "large"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_per_problem_measurements_match_reference_on_both_paths(family, path):
+    """Issue 21: one measurement set per problem (a (2, 2) batch), on the one-program path and on the
+    large path over several 16-wide tiles: terms, E and gradients against the reference."""
+    dims = [17, 6, 5] if path == "large" else [4, 6, 3]
+    W = make_weights(dims, batch=(2, 2), seed=3, requires_grad=True)
+    W = [w.detach().to(DEVICE).requires_grad_() for w in W]
+    n = max(N_MEAS.get(family, 7), dims[0] * dims[-1] + 1) if family == "dense_kernel" else N_MEAS.get(family, 7)
+    tensors, _, _ = per_problem_sources(family, dims[-1], dims[0], (2, 2), n=n)
+    meas = measurements_from(family, tensors).to(DEVICE)
+    assert meas.batch_shape == (() if family == "isotropic" else (2, 2))
+    _assert_matches_reference(W, meas, path=path, block=16 if path == "large" else None)
+    ref_terms, ref_E = layer_terms_and_end_to_end_ref([w.detach() for w in W], meas)
+    terms, E = tt.layer_terms(W, meas.family, list(meas.operands), with_end_to_end=True, path=path,
+                              block=16 if path == "large" else None)
+    torch.testing.assert_close(terms.detach(), ref_terms, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(E.detach(), ref_E, atol=1e-10, rtol=1e-10)
+    value, grads = fk.hessian_trace_and_grad(W, meas, per_layer=True, backend="triton")
+    ref_value, ref_grads = fk.hessian_trace_and_grad(W, meas, per_layer=True, backend="torch")
+    torch.testing.assert_close(value, ref_value, atol=1e-10, rtol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("family,dtype", [("inputs", torch.float64), ("entries", torch.float32)])

@@ -12,8 +12,14 @@ table reports each time with its ratio against the plain-torch reference
   registered ops ``torch.ops.flatkern.*`` called directly on detached weights (the
   kernels with nothing of flatkern's Python around them);
 - floors: ``torch.autograd.grad`` through one cheap op (small cases: what any op
-  called from Python and differentiated by autograd costs), and for the large
-  case the 12 bare ``torch.mm`` the chain must do (``flatkern.benchmarks.floors``).
+  called from Python and differentiated by autograd costs), for the large
+  case the 12 bare ``torch.mm`` the chain must do, and for the per-problem
+  batched cases (each problem its own measurement set, issue 21; every family at
+  B=256 d=32 L=4 and at B=4096 d=8 L=3) the bare batched products of the C++
+  kernel, ``floors.family_products`` (``floors.family_product_count`` of them per
+  family: 12 / 12 / 30 / 38 / 19 at L = 4 for Isotropic / Entries / RankOne / Dense /
+  Inputs, 6 / 6 / 18 / 24 / 11 at L = 3).  A floor row ``<provider> / <floor>`` gives
+  the median over rounds of the ratio within a round (``timing.ratio``).
 
     python bench/bench_cpu_kernels.py            # full table (a few minutes, most of it torch.compile)
     python bench/bench_cpu_kernels.py --quick    # fewer repeats, no torch.compile
@@ -38,8 +44,8 @@ import torch
 
 import flatkern as fk
 
-from .floors import trace_products
-from .timing import interleave
+from .floors import family_product_count, family_products, trace_products
+from .timing import interleave, ratio
 
 SCALE = 2.0  # hessian_trace's scale for reduction="mean"
 
@@ -131,16 +137,39 @@ def cases():
     def weights(d, L, batch=()):
         return [(torch.randn(*batch, d, d, generator=g) / d**0.5).requires_grad_(True) for _ in range(L)]
 
-    # title, weights, measurements, compile the reference, time the bare products
-    yield "small d=30 L=3, Isotropic", weights(30, 3), fk.Isotropic(), True, False
-    yield "small d=30 L=3, Entries n=300", weights(30, 3), fk.Entries.uniform(300, (30, 30), generator=g), True, False
-    yield "batched B=256 d=32 L=4, Isotropic", weights(32, 4, (256,)), fk.Isotropic(), True, False
-    yield "batched B=256 d=32 L=4, Entries n=300", weights(32, 4, (256,)), fk.Entries.uniform(300, (32, 32), generator=g), True, False
-    yield "Dense n=2000 d=32 L=4", weights(32, 4), fk.Dense.gaussian(2000, (32, 32), generator=g), True, False
-    yield "large d=1024 L=4, Isotropic", weights(1024, 4), fk.Isotropic(), False, True
+    def per_problem(name, B, d, n):
+        """One measurement set per problem of the batch (issue 21)."""
+        randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+        if name == "Isotropic":
+            return fk.Isotropic()  # no tensor to give each problem: the same population for all
+        if name == "Entries":
+            return fk.Entries(torch.randint(d, (B, n), generator=g), torch.randint(d, (B, n), generator=g), (d, d))
+        if name == "RankOne":
+            return fk.RankOne(randn(B, n, d), randn(B, n, d))
+        if name == "Dense":
+            return fk.Dense(randn(B, n, d, d))
+        return fk.Inputs(randn(B, n, d))
+
+    # title, weights, measurements, compile the reference, the floor ((name, fn(ws, meas)) or None)
+    yield "small d=30 L=3, Isotropic", weights(30, 3), fk.Isotropic(), True, None
+    yield "small d=30 L=3, Entries n=300", weights(30, 3), fk.Entries.uniform(300, (30, 30), generator=g), True, None
+    yield "batched B=256 d=32 L=4, Isotropic", weights(32, 4, (256,)), fk.Isotropic(), True, None
+    yield "batched B=256 d=32 L=4, Entries n=300", weights(32, 4, (256,)), fk.Entries.uniform(300, (32, 32), generator=g), True, None
+    yield "Dense n=2000 d=32 L=4", weights(32, 4), fk.Dense.gaussian(2000, (32, 32), generator=g), True, None
+    yield "large d=1024 L=4, Isotropic", weights(1024, 4), fk.Isotropic(), False, \
+        ("bare torch.mm (12 GEMMs)", lambda ws, meas: trace_products(ws))
+    # per-problem measurements (n per problem: Entries, RankOne, Dense n <= d^2 (no kernel K), Inputs N)
+    for B, d, L, sizes in ((256, 32, 4, dict(Entries=300, RankOne=32, Dense=8, Inputs=64)),
+                           (4096, 8, 3, dict(Entries=30, RankOne=16, Dense=8, Inputs=32))):
+        for name in ("Isotropic", "Entries", "RankOne", "Dense", "Inputs"):
+            meas = per_problem(name, B, d, sizes.get(name))
+            count = family_product_count(meas.family, L)
+            n = f" n={sizes[name]}" if name in sizes else ""
+            yield (f"per-problem B={B} d={d} L={L}, {name}{n}", weights(d, L, (B,)), meas, False,
+                   (f"floor: bare batched products ({count} matmul)", family_products))
 
 
-def providers_for(title, ws, meas, compile_ref, bare, quick):
+def providers_for(title, ws, meas, compile_ref, floor, quick):
     providers = {"torch eager": fwd_bwd("torch", meas, ws)}
     if compile_ref and not quick:
         providers["torch.compile"] = compiled_reference(meas, ws)
@@ -154,8 +183,9 @@ def providers_for(title, ws, meas, compile_ref, bare, quick):
         providers["op: hessian_trace_and_grad" + kernel] = op_fused(meas, ws)
     if title.startswith("small"):
         providers["floor: autograd.grad through one cheap op"] = autograd_floor(ws)
-    if bare:
-        providers["bare torch.mm (12 GEMMs)"] = lambda: trace_products(ws)
+    if floor:
+        name, fn = floor
+        providers[name] = lambda: fn(ws, meas)
     return providers
 
 
@@ -177,26 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| case | provider | wall time | vs torch eager | vs torch.compile | CPU time | CPU vs torch eager |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for title, ws, meas, compile_ref, bare in cases():
+    for title, ws, meas, compile_ref, floor in cases():
         if args.only is not None and args.only not in title:
             continue
-        providers = providers_for(title, ws, meas, compile_ref, bare, args.quick)
+        providers = providers_for(title, ws, meas, compile_ref, floor, args.quick)
         check_agreement(providers, rtol=1e-3)
-        r = rounds if not bare or args.rounds else max(3, rounds // 3)
-        times = interleave(providers, rounds=r, min_block_s=0.05 if not bare else 0.0)
+        large = title.startswith("large")  # seconds a call: fewer rounds, one call a block
+        r = rounds if not large or args.rounds else max(3, rounds // 3)
+        times = interleave(providers, rounds=r, min_block_s=0.0 if large else 0.05)
         base = times["torch eager"]
         comp = times["torch.compile"].median if "torch.compile" in times else None
         for name, t in times.items():
             vs_comp = f"{comp / t.median:.2f}x" if comp else "n/a"
             print(f"| {title} | {name} | {t.median * 1e6:,.0f} µs | {base.median / t.median:.2f}x | {vs_comp} | "
                   f"{t.cpu_median * 1e6:,.0f} µs | {base.cpu_median / t.cpu_median:.2f}x |")
-        if bare:
-            floor = times["bare torch.mm (12 GEMMs)"]
-            for name in ("flatkern cpp", "op: hessian_trace_and_grad"):
+        if floor:
+            bare = times[floor[0]]
+            for name in ("flatkern cpp", "flatkern.hessian_trace_and_grad", "op: hessian_trace_and_grad"):
                 if name in times:
                     t = times[name]
-                    print(f"| {title} | {name} / bare GEMMs | {t.median / floor.median:.3f} | | | "
-                          f"{t.cpu_median / floor.cpu_median:.3f} | |")
+                    print(f"| {title} | {name} / {floor[0]} | {ratio(t, bare):.3f} | | | "
+                          f"{t.cpu_median / bare.cpu_median:.3f} | |")
         sys.stdout.flush()
     return 0
 

@@ -8,10 +8,18 @@ row per code:
     0     Isotropic       Isotropic   ()                                          both (their sums)
     1     Entries         Entries     rows (n,) int64, cols (n,) int64            both
     2     RankOne         RankOne     u (n, d_L), v (n, d_0)                      neither
-    3     Dense           Dense       Ap (d_L, n, d_0) = A.permute(1, 0, 2)       neither
+    3     Dense           Dense       Ap (d_L, n, d_0) = A.transpose(-3, -2)      neither
     4     Dense (kernel)  Dense       Ap, Kp (d_L, d_L, d_0, d_0),                neither
                                       Kp[a, c, b, d] = (1/n) Σ_i A_i[a, b] A_i[c, d]
     5     Inputs          Inputs      x (N, d_0)                                  rows (their sum)
+
+Per-problem measurements.  Every operand may carry leading batch dimensions ``(...)``, the
+same for all operands of a set and equal to the weights' batch shape: problem ``p`` of the
+batch then reads its own slice (``rows (..., n)``, ``u (..., n, d_L)``, ``Ap (..., d_L, n, d_0)``,
+``Kp (..., d_L, d_L, d_0, d_0)``, ``x (..., N, d_0)``).  Operands of exactly the row's ``ranks``
+are one set shared by every problem (broadcast), as before.  ``n`` is read at a dimension counted
+from the end (``count_from``), so it is the same with and without the batch; ``batch_shape``
+reads the batch off the first operand's rank.  Isotropic has no operand, hence no batch.
 
 ``DENSE_KERNEL`` is ``DENSE`` with the precomputed kernel ``K`` as an extra
 operand (``Dense`` picks it when ``n > d_0 d_L``, the cost model's break-even):
@@ -50,7 +58,8 @@ class Family:
     class_name: str                # the public class in flatkern.measurements
     operands: tuple[str, ...]      # operand names, in order
     index_operands: int            # how many leading operands are int64 indices
-    count_from: tuple[int, int] | None  # (operand, dim) whose size is n; None: no n (Isotropic)
+    ranks: tuple[int, ...]         # each operand's number of dims without a batch (one shared set)
+    count_from: tuple[int, int] | None  # (operand, dim from the end) whose size is n; None: no n (Isotropic)
     norms: tuple[bool, bool]       # whether it reads the squared row norms of P_j, column norms of Q_j
     base: int | None = None        # the family this one is, with extra operands
     cls: type | None = field(default=None, repr=False)  # bound by flatkern.measurements
@@ -62,6 +71,13 @@ class Family:
         i, dim = self.count_from
         return int(operand_shapes[i][dim])
 
+    def batch_shape(self, operand_shapes) -> tuple[int, ...]:
+        """The per-problem batch ``(...)`` of operands of these shapes; ``()`` for one shared set."""
+        if not self.ranks:
+            return ()
+        shape = tuple(operand_shapes[0])
+        return shape[: len(shape) - self.ranks[0]]
+
     def decode(self, operands):
         """The measurement object these operands encode, sharing them (no copy, no checks)."""
         if self.cls is None:  # pragma: no cover - flatkern.measurements binds every row on import
@@ -70,12 +86,12 @@ class Family:
 
 
 FAMILIES: dict[int, Family] = {f.code: f for f in (
-    Family(ISOTROPIC, "Isotropic", "Isotropic", (), 0, None, (True, True)),
-    Family(ENTRIES, "Entries", "Entries", ("rows", "cols"), 2, (0, 0), (True, True)),
-    Family(RANK_ONE, "RankOne", "RankOne", ("u", "v"), 0, (0, 0), (False, False)),
-    Family(DENSE, "Dense", "Dense", ("Ap",), 0, (0, 1), (False, False)),
-    Family(DENSE_KERNEL, "Dense (kernel K)", "Dense", ("Ap", "Kp"), 0, (0, 1), (False, False), base=DENSE),
-    Family(INPUTS, "Inputs", "Inputs", ("x",), 0, (0, 0), (True, False)),
+    Family(ISOTROPIC, "Isotropic", "Isotropic", (), 0, (), None, (True, True)),
+    Family(ENTRIES, "Entries", "Entries", ("rows", "cols"), 2, (1, 1), (0, -1), (True, True)),
+    Family(RANK_ONE, "RankOne", "RankOne", ("u", "v"), 0, (2, 2), (0, -2), (False, False)),
+    Family(DENSE, "Dense", "Dense", ("Ap",), 0, (3,), (0, -2), (False, False)),
+    Family(DENSE_KERNEL, "Dense (kernel K)", "Dense", ("Ap", "Kp"), 0, (3, 4), (0, -2), (False, False), base=DENSE),
+    Family(INPUTS, "Inputs", "Inputs", ("x",), 0, (2,), (0, -2), (True, False)),
 )}
 
 #: code -> name, for messages

@@ -26,7 +26,8 @@
 namespace flatkern {
 namespace cpu {
 
-// One call's measurement operands as raw pointers (checked by check_trace_inputs first).
+// One call's measurement operands as raw pointers (checked by check_trace_inputs first),
+// pointing at problem 0's set; `at(p)` points at problem p's (the same set when shared).
 template <typename T>
 struct Meas {
   int64_t family = 0, n = 0;
@@ -38,15 +39,41 @@ struct Meas {
   const T* Kp = nullptr;          // Dense kernel (d_L², d_0²)
   const T* S = nullptr;           // Inputs: xᵀx / (N d_L), (d_0, d_0)
   T trS = 0;
+  bool batched = false;           // one set per problem, problem p's `stride` elements after p-1's
+  int64_t d0 = 0, dL = 0;
+
+  // Problem p's set: the shared one, or every pointer moved on by p sets (sizes from OP_SPEC.md's table).
+  Meas at(int64_t p) const {
+    if (!batched) return *this;
+    Meas q = *this;
+    switch (family) {
+      case ENTRIES: q.rows += p * n, q.cols += p * n; break;
+      case RANK_ONE: q.u += p * n * dL, q.v += p * n * d0; break;
+      case DENSE: q.Ap += p * dL * n * d0; break;
+      case DENSE_KERNEL: q.Kp += p * dL * dL * d0 * d0; break;
+      case INPUTS: {
+        q.S += p * d0 * d0;
+        q.trS = 0;
+        for (int64_t i = 0; i < d0; ++i) q.trS += q.S[i * d0 + i];
+        break;
+      }
+    }
+    return q;
+  }
 };
 
-// The pointers of `operands` (OP_SPEC.md's order); for Inputs S = xᵀx / (N d_L)
-// is computed into S_out (nn.MSELoss(mean) divides by N d_L: folded in once).
+// The pointers of `operands` (OP_SPEC.md's order; `batched`: each with a leading per-problem
+// batch); for Inputs S = xᵀx / (N d_L) is computed into S_out, one (d_0, d_0) per set
+// (nn.MSELoss(mean) divides by N d_L: folded in once).
 template <typename T>
-Meas<T> bind_operands(int64_t family, const Layout& lay, at::TensorList operands, at::Tensor& S_out) {
+Meas<T> bind_operands(int64_t family, const Layout& lay, at::TensorList operands, at::Tensor& S_out,
+                      bool batched = false) {
   Meas<T> m;
   m.family = family;
   m.n = lay.n;
+  m.batched = batched;
+  m.d0 = lay.d[0];
+  m.dL = lay.d[lay.L];
   switch (family) {
     case ENTRIES:
       m.rows = operands[0].data_ptr<int64_t>();
@@ -61,6 +88,12 @@ Meas<T> bind_operands(int64_t family, const Layout& lay, at::TensorList operands
     case INPUTS: {
       const at::Tensor& x = operands[0];
       const int64_t d0 = lay.d[0];
+      if (batched) {  // (B, d_0, d_0): one batched product for every problem's set; traces in at(p)
+        const at::Tensor xb = x.reshape({-1, lay.n, d0});
+        S_out = at::bmm(xb.transpose(1, 2), xb).div_(static_cast<double>(lay.n * lay.d[lay.L])).contiguous();
+        m.S = S_out.data_ptr<T>();
+        break;
+      }
       S_out = at::mm(x.t(), x).div_(static_cast<double>(lay.n * lay.d[lay.L])).contiguous();
       m.S = S_out.data_ptr<T>();
       for (int64_t i = 0; i < d0; ++i) m.trS += m.S[i * d0 + i];

@@ -196,7 +196,7 @@ void forward_batch(at::TensorList weights, const Meas<T>& m, const Layout& lay, 
     Scratch<T> s(lay, wsize, false);
     for (int64_t p = begin; p < end; ++p) {
       s.point_at(lay, W0, p);
-      chain_forward(m, lay, s, saved + p * lay.size, scale, sum_layers, terms + p * per_terms,
+      chain_forward(m.at(p), lay, s, saved + p * lay.size, scale, sum_layers, terms + p * per_terms,
                     E ? E + p * per_E : nullptr);
     }
   });
@@ -215,7 +215,7 @@ void backward_batch(at::TensorList weights, const Meas<T>& m, const Layout& lay,
       s.point_at(lay, W0, p);
       s.point_grads_at(lay, G0, p);
       for (int64_t j = 0; j < L; ++j) s.g[j] = scale * (sum_layers ? grad_terms[p] : grad_terms[p * L + j]);
-      chain_backward(m, lay, s, saved + p * lay.size, grad_E ? grad_E + p * per_E : nullptr);
+      chain_backward(m.at(p), lay, s, saved + p * lay.size, grad_E ? grad_E + p * per_E : nullptr);
     }
   });
 }
@@ -236,8 +236,9 @@ void value_and_grad_batch(at::TensorList weights, const Meas<T>& m, const Layout
     for (int64_t p = begin; p < end; ++p) {
       s.point_at(lay, W0, p);
       s.point_grads_at(lay, G0, p);
-      chain_forward(m, lay, s, sv.get(), scale, sum_layers, terms + p * per_terms, static_cast<T*>(nullptr));
-      chain_backward(m, lay, s, sv.get(), static_cast<const T*>(nullptr));
+      const Meas<T> mp = m.at(p);
+      chain_forward(mp, lay, s, sv.get(), scale, sum_layers, terms + p * per_terms, static_cast<T*>(nullptr));
+      chain_backward(mp, lay, s, sv.get(), static_cast<const T*>(nullptr));
     }
   });
 }
@@ -275,7 +276,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> hessian_trace_cpu(at
                                                                               bool with_end_to_end, double scale,
                                                                               bool sum_layers) {
   check_chain(weights);  // before dispatching on the dtype: an integer chain gets the clear message
-  const Layout lay(chain_widths(weights), family, check_trace_inputs(weights, family, operands));
+  bool batched = false;
+  const Layout lay(chain_widths(weights), family, check_trace_inputs(weights, family, operands, &batched));
   const auto opts = weights[0].options();
   const auto batch = batch_shape(weights[0]);
   const int64_t B = c10::multiply_integers(batch);
@@ -285,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> hessian_trace_cpu(at
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES(weights[0].scalar_type(), "hessian_trace_cpu", [&] {
       at::Tensor S;
-      const Meas<scalar_t> m = bind_operands<scalar_t>(family, lay, operands, S);
+      const Meas<scalar_t> m = bind_operands<scalar_t>(family, lay, operands, S, batched);
       forward_batch<scalar_t>(weights, m, lay, B, static_cast<scalar_t>(scale), sum_layers,
                               terms.data_ptr<scalar_t>(), with_end_to_end ? E.data_ptr<scalar_t>() : nullptr,
                               saved.data_ptr<scalar_t>());
@@ -300,7 +302,8 @@ std::vector<at::Tensor> hessian_trace_backward_cpu(at::TensorList weights, int64
                                                    const std::optional<at::Tensor>& grad_E, double scale,
                                                    bool sum_layers) {
   check_chain(weights);
-  const Layout lay(chain_widths(weights), family, check_trace_inputs(weights, family, operands));
+  bool batched = false;
+  const Layout lay(chain_widths(weights), family, check_trace_inputs(weights, family, operands, &batched));
   const auto dtype = weights[0].scalar_type();
   const auto batch = batch_shape(weights[0]);
   const int64_t B = c10::multiply_integers(batch);
@@ -316,7 +319,7 @@ std::vector<at::Tensor> hessian_trace_backward_cpu(at::TensorList weights, int64
     grads = empty_like_weights<scalar_t>(weights, G0);
     if (B == 0) return;
     at::Tensor S;
-    const Meas<scalar_t> m = bind_operands<scalar_t>(family, lay, operands, S);
+    const Meas<scalar_t> m = bind_operands<scalar_t>(family, lay, operands, S, batched);
     backward_batch<scalar_t>(weights, m, lay, B, saved[0].data_ptr<scalar_t>(), grad_terms.data_ptr<scalar_t>(),
                              static_cast<scalar_t>(scale), sum_layers,
                              has_gE ? grad_E->data_ptr<scalar_t>() : nullptr, G0);
@@ -330,7 +333,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> hessian_trace_and_grad_cpu(at::T
                                                                            at::TensorList operands, double scale,
                                                                            bool sum_layers) {
   check_chain(weights);
-  const Layout lay(chain_widths(weights), family, check_trace_inputs(weights, family, operands));
+  bool batched = false;
+  const Layout lay(chain_widths(weights), family, check_trace_inputs(weights, family, operands, &batched));
   const auto opts = weights[0].options();
   const auto batch = batch_shape(weights[0]);
   const int64_t B = c10::multiply_integers(batch);
@@ -341,7 +345,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> hessian_trace_and_grad_cpu(at::T
     grads = empty_like_weights<scalar_t>(weights, G0);
     if (B == 0) return;
     at::Tensor S;
-    const Meas<scalar_t> m = bind_operands<scalar_t>(family, lay, operands, S);
+    const Meas<scalar_t> m = bind_operands<scalar_t>(family, lay, operands, S, batched);
     value_and_grad_batch<scalar_t>(weights, m, lay, B, static_cast<scalar_t>(scale), sum_layers,
                                    terms.data_ptr<scalar_t>(), G0);
   });

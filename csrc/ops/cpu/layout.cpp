@@ -21,6 +21,8 @@ constexpr const char* kOperandNames[kNumFamilies][3] = {
     {"x", nullptr, nullptr},       // Inputs
 };
 constexpr int64_t kOperandCounts[kNumFamilies] = {0, 2, 2, 1, 2, 1};
+// Each operand's rank without a per-problem batch (flatkern/kernels/families.py's `ranks`).
+constexpr int64_t kOperandRanks[kNumFamilies][3] = {{0, 0, 0}, {1, 1, 0}, {2, 2, 0}, {3, 0, 0}, {3, 4, 0}, {2, 0, 0}};
 
 // "(rows, cols)"
 std::string operand_list(int64_t family) {
@@ -47,18 +49,15 @@ int64_t measurement_count(int64_t family, c10::ArrayRef<c10::IntArrayRef> shapes
   }
   TORCH_CHECK(static_cast<int64_t>(shapes.size()) == count, "flatkern: ", family_name(family), " takes ", count,
               " operands ", operand_list(family), ", got ", shapes.size());
-  // the operand that carries n, its rank, and the axis of n
-  int64_t rank = 0, axis = 0;
-  switch (family) {
-    case ENTRIES: rank = 1, axis = 0; break;
-    case RANK_ONE: rank = 2, axis = 0; break;
-    case DENSE: case DENSE_KERNEL: rank = 3, axis = 1; break;
-    case INPUTS: rank = 2, axis = 0; break;
-  }
+  // the operand that carries n, its rank without a batch, and the axis of n counted from the end
+  // (leading dims are a per-problem batch, checked against the weights by check_trace_inputs)
+  const int64_t rank = kOperandRanks[family][0];
+  const int64_t from_end = family == ENTRIES ? 1 : 2;
   const auto& s = shapes[0];
-  TORCH_CHECK(static_cast<int64_t>(s.size()) == rank, "flatkern: ", family_name(family), " operand ",
-              kOperandNames[family][0], " must have ", rank, " dimensions, got shape ", s);
-  const int64_t n = s[axis];
+  TORCH_CHECK(static_cast<int64_t>(s.size()) >= rank, "flatkern: ", family_name(family), " operand ",
+              kOperandNames[family][0], " must have ", rank,
+              " dimensions (or more: a per-problem batch first), got shape ", s);
+  const int64_t n = s[s.size() - from_end];
   TORCH_CHECK(n >= 1 && n < INT_MAX, "flatkern: ", family_name(family), " operand ", kOperandNames[family][0],
               " has shape ", s, ": the number of measurements must lie in [1, 2^31 - 1)");
   return n;
@@ -137,7 +136,7 @@ void check_family_operand(const at::Tensor& t, int64_t family, int64_t k, at::Sc
 
 }  // namespace
 
-int64_t check_trace_inputs(at::TensorList weights, int64_t family, at::TensorList operands) {
+int64_t check_trace_inputs(at::TensorList weights, int64_t family, at::TensorList operands, bool* batched) {
   // the callers have run check_chain (before dispatching on the dtype)
   for (size_t j = 0; j < weights.size(); ++j) {
     TORCH_CHECK(weights[j].is_contiguous(), "flatkern: weights[", j, "] must be contiguous (shape ",
@@ -152,40 +151,63 @@ int64_t check_trace_inputs(at::TensorList weights, int64_t family, at::TensorLis
   const int64_t n = measurement_count(family, shapes);
   const int64_t d_L = weights.back().size(-2), d_0 = weights[0].size(-1);
   const auto dtype = weights[0].scalar_type();
+  // A per-problem batch: operands[0] has more dims than its rank, and the extra leading ones must be
+  // the weights' batch shape; every operand's expected shape below then starts with that batch.
+  const at::IntArrayRef wbatch = weights[0].sizes().slice(0, weights[0].dim() - 2);
+  bool has_batch = false;
+  if (family != ISOTROPIC) {
+    const int64_t extra = operands[0].dim() - kOperandRanks[family][0];
+    has_batch = extra > 0;
+    TORCH_CHECK(!has_batch || operands[0].sizes().slice(0, extra) == wbatch, "flatkern: ", family_name(family),
+                " operand ", kOperandNames[family][0], " has shape ", operands[0].sizes(), ": its per-problem batch ",
+                operands[0].sizes().slice(0, extra), " must equal the weights' batch shape ", wbatch,
+                " (or be absent: one set shared by every problem)");
+  }
+  if (batched) *batched = has_batch;
+  // the expected shape of an operand: the weights' batch (if per-problem), then `tail`
+  auto shape = [&](std::initializer_list<int64_t> tail) {
+    c10::SmallVector<int64_t, 8> s;
+    if (has_batch) s.append(wbatch.begin(), wbatch.end());
+    s.append(tail.begin(), tail.end());
+    return s;
+  };
+  const int64_t B = has_batch ? c10::multiply_integers(wbatch) : 1;
   switch (family) {
     case ENTRIES: {
-      check_family_operand(operands[0], family, 0, at::kLong, {n});
-      check_family_operand(operands[1], family, 1, at::kLong, {n});
-      // the kernels gather with these indices: an out-of-range one must be an error
+      check_family_operand(operands[0], family, 0, at::kLong, shape({n}));
+      check_family_operand(operands[1], family, 1, at::kLong, shape({n}));
+      // the kernels gather with these indices: an out-of-range one must be an error (every problem's)
       const int64_t* rows = operands[0].data_ptr<int64_t>();
       const int64_t* cols = operands[1].data_ptr<int64_t>();
-      for (int64_t i = 0; i < n; ++i) {
-        TORCH_CHECK(rows[i] >= 0 && rows[i] < d_L, "flatkern: Entries operand rows[", i, "] = ", rows[i],
+      for (int64_t k = 0; k < B * n; ++k) {
+        TORCH_CHECK(rows[k] >= 0 && rows[k] < d_L, "flatkern: Entries operand rows", has_batch ? " of problem " : "",
+                    has_batch ? std::to_string(k / n) : std::string(), "[", k % n, "] = ", rows[k],
                     " is out of range for E with ", d_L, " rows");
-        TORCH_CHECK(cols[i] >= 0 && cols[i] < d_0, "flatkern: Entries operand cols[", i, "] = ", cols[i],
+        TORCH_CHECK(cols[k] >= 0 && cols[k] < d_0, "flatkern: Entries operand cols", has_batch ? " of problem " : "",
+                    has_batch ? std::to_string(k / n) : std::string(), "[", k % n, "] = ", cols[k],
                     " is out of range for E with ", d_0, " columns");
       }
       break;
     }
     case RANK_ONE:
-      check_family_operand(operands[0], family, 0, dtype, {n, d_L});
-      check_family_operand(operands[1], family, 1, dtype, {n, d_0});
+      check_family_operand(operands[0], family, 0, dtype, shape({n, d_L}));
+      check_family_operand(operands[1], family, 1, dtype, shape({n, d_0}));
       break;
     case DENSE:
       TORCH_CHECK(n * d_L < INT_MAX && n * d_0 < INT_MAX, "flatkern: Dense has too many measurements (n = ", n,
                   ") for one BLAS call");
-      check_family_operand(operands[0], family, 0, dtype, {d_L, n, d_0});
+      check_family_operand(operands[0], family, 0, dtype, shape({d_L, n, d_0}));
       break;
     case DENSE_KERNEL:
       TORCH_CHECK(d_L * d_L < INT_MAX && d_0 * d_0 < INT_MAX, "flatkern: E of shape (", d_L, ", ", d_0,
                   ") is too large for the Dense kernel K");
       // Ap is not read here (the Triton kernels read it); its shape is still part of the contract
-      TORCH_CHECK(operands[0].sizes() == at::IntArrayRef({d_L, n, d_0}), "flatkern: Dense (kernel K) operand Ap "
-                  "must have shape [", d_L, ", n, ", d_0, "], got ", operands[0].sizes());
-      check_family_operand(operands[1], family, 1, dtype, {d_L, d_L, d_0, d_0});
+      TORCH_CHECK(operands[0].sizes() == at::IntArrayRef(shape({d_L, n, d_0})), "flatkern: Dense (kernel K) operand Ap "
+                  "must have shape ", at::IntArrayRef(shape({d_L, n, d_0})), ", got ", operands[0].sizes());
+      check_family_operand(operands[1], family, 1, dtype, shape({d_L, d_L, d_0, d_0}));
       break;
     case INPUTS:
-      check_family_operand(operands[0], family, 0, dtype, {n, d_0});
+      check_family_operand(operands[0], family, 0, dtype, shape({n, d_0}));
       break;
   }
   return n;

@@ -31,8 +31,9 @@ constexpr int64_t kNumFamilies = 6;
 const char* family_name(int64_t family);
 
 // n as the kernels read it from the operand shapes (0 for Isotropic). Checks the
-// family code, the operand count and each operand's rank first, so that a bad
-// call is an error, never an out-of-range read. Shared by the kernels' checks and
+// family code, the operand count and the first operand's rank first (leading
+// batch dims allowed: n is read counting from the end), so that a bad call is an
+// error, never an out-of-range read. Shared by the kernels' checks and
 // hessian_trace_saved_size.
 int64_t measurement_count(int64_t family, c10::ArrayRef<c10::IntArrayRef> operand_shapes);
 
@@ -65,8 +66,11 @@ void check_chain(at::TensorList weights);
 
 // What the trace kernels add to check_chain: contiguous weights with widths in
 // [1, 2^20), and the family's operands (count, dtype, shape, contiguity, Entries
-// index bounds). Returns n.
-int64_t check_trace_inputs(at::TensorList weights, int64_t family, at::TensorList operands);
+// index bounds of every problem). Operands may carry a per-problem batch: leading
+// dims equal to the weights' batch shape, before the shapes of OP_SPEC.md's table;
+// `*batched` (if given) says whether they do. Returns n.
+int64_t check_trace_inputs(at::TensorList weights, int64_t family, at::TensorList operands,
+                           bool* batched = nullptr);
 
 // `t` is a contiguous CPU tensor of `dtype` and `shape`; `name` names it in the message.
 void check_operand(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape);

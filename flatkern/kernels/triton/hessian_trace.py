@@ -105,8 +105,17 @@ def _prepare(family: int, operands, cdtype: torch.dtype, d_L: int, d_0: int, pla
     Entries: on the small plan ``[K = counts / n]`` (d_L, d_0), at most 128 x 128, built on the
     device once per operand set; on the large plan ``[rows, cols]`` as they are (memory O(n), no
     d_L x d_0 matrix); RankOne ``[U, V]``; Dense and Dense (kernel K) ``[Ap]`` (d_L, n, d_0);
-    Inputs ``[M = xᵀx / (N d_L)]`` (d_0, d_0); Isotropic ``[]``.
+    Inputs ``[M = xᵀx / (N d_L)]`` (d_0, d_0); Isotropic ``[]``.  Per-problem operands (a leading
+    batch, ``families.Family.batch_shape``) give the same with the batch flattened to one leading
+    ``B`` dim: ``K (B, d_L, d_0)``, ``rows (B, n)``, ``U (B, n, d_L)``, ``Ap (B, d_L, n, d_0)``,
+    ``M (B, d_0, d_0)``.
     """
+    # per-problem sets: flattened after _derive, which keys its cache on the caller's operand tensors
+    batched = bool(families.get(family).batch_shape([o.shape for o in operands]))
+
+    def flat(t, rank):
+        return t.reshape(-1, *t.shape[t.dim() - rank:]) if batched else t
+
     family = _kernel_family(family)
 
     def cast(t):
@@ -117,23 +126,29 @@ def _prepare(family: int, operands, cdtype: torch.dtype, d_L: int, d_0: int, pla
     if family == families.ENTRIES:
         rows, cols = operands[0], operands[1]
         if plan != "small":
-            return family, [rows, cols]
+            return family, [flat(rows, 1), flat(cols, 1)]
 
         def density(rows):
+            if batched:  # one density per problem: problem b's counts at offset b d_L d_0
+                r, c = flat(rows, 1), flat(cols, 1)
+                B, n = r.shape
+                index = r * d_0 + c + torch.arange(B, device=r.device)[:, None] * (d_L * d_0)
+                counts = torch.bincount(index.reshape(-1), minlength=B * d_L * d_0)
+                return (counts.to(cdtype) / n).reshape(B, d_L, d_0)
             counts = torch.bincount(rows * d_0 + cols, minlength=d_L * d_0)
             return (counts.to(cdtype) / rows.shape[0]).reshape(d_L, d_0)
         # keyed on both index tensors: an in-place edit of either is a new density
         cols_key = (id(cols), None if cols.is_inference() else cols._version)
         return family, [_derive(rows, (cdtype, d_L, d_0, "density", cols_key), density)]
     if family == families.RANK_ONE:
-        return family, [cast(operands[0]), cast(operands[1])]
+        return family, [flat(cast(operands[0]), 2), flat(cast(operands[1]), 2)]
     if family == families.DENSE:
-        return family, [cast(operands[0])]
+        return family, [flat(cast(operands[0]), 3)]
     if family == families.INPUTS:
         def gram(x):
             x = x.to(cdtype)
-            return ((x.T @ x) / (x.shape[0] * d_L)).contiguous()
-        return family, [_derive(operands[0], (cdtype, d_L), gram)]
+            return ((x.transpose(-1, -2) @ x) / (x.shape[-2] * d_L)).contiguous()
+        return family, [flat(_derive(operands[0], (cdtype, d_L), gram), 2)]
     return family, []
 
 

@@ -30,6 +30,10 @@ Per family (``r = rowsq(P_j)``, ``s = colsq(Q_j)``, ``K = counts / n`` (never fo
 Dense reads ``Ap (d_L, n, d_0)``: ``G Ap`` viewed ``(d_L, n d_0)`` and ``Ap H``
 viewed ``(d_L n, d_0)`` are one GEMM each, and so are ``Σ_i A_i H A_iᵀ`` and
 ``Σ_i A_iᵀ G A_i``.
+
+Per-problem sets (``hessian_trace._prepare``) carry a leading ``B``: ``rows, cols (B, n)``
+(gathers and scatter-adds along dim 1), ``U (B, n, d_L)``, ``Ap (B, d_L, n, d_0)`` (batched
+GEMMs), ``M (B, d_0, d_0)``.
 """
 
 from __future__ import annotations
@@ -217,9 +221,21 @@ def large_chain(Ws, family, red):
 
 
 def _dense_views(Ap):
-    """``Ap (d_L, n, d_0)`` as ``(d_L, n d_0)`` (rows ``a``) and ``(d_L n, d_0)`` (columns ``b``)."""
-    d_L, n, d_0 = Ap.shape
-    return Ap.reshape(d_L, n * d_0), Ap.reshape(d_L * n, d_0)
+    """``Ap (..., d_L, n, d_0)`` as ``(..., d_L, n d_0)`` (rows ``a``) and ``(..., d_L n, d_0)`` (columns ``b``)."""
+    *batch, d_L, n, d_0 = Ap.shape
+    return Ap.reshape(*batch, d_L, n * d_0), Ap.reshape(*batch, d_L * n, d_0)
+
+
+def _gather(values, index):
+    """``values[:, index]`` (B, n) for a shared ``index`` (n,), or ``values[b, index[b]]`` for a per-problem (B, n)."""
+    return values[:, index] if index.dim() == 1 else values.gather(1, index)
+
+
+def _trace(M, B: int):
+    """``tr M`` for every problem, (B,): one shared ``M`` (d, d) or a per-problem (B, d, d)."""
+    if M.dim() == 2:
+        return torch.diagonal(M).sum().expand(B)
+    return torch.diagonal(M, dim1=-2, dim2=-1).sum(-1)
 
 
 def _large_terms(family, data, P, Q, rp, cq, d_L, d_0, like, red):
@@ -235,14 +251,14 @@ def _large_terms(family, data, P, Q, rp, cq, d_L, d_0, like, red):
             fq = cq.sum(-1) if Q is not None else like.new_full((B,), float(d_0))
         else:
             M = data[0]
-            fq = (Q * (Q @ M)).sum((-2, -1)) if Q is not None else torch.diagonal(M).sum().expand(B)
+            fq = (Q * (Q @ M)).sum((-2, -1)) if Q is not None else _trace(M, B)
         return fp * fq
     if family == families.ENTRIES:
         # (1/n) Σ_i rowsq(P)[rows_i] colsq(Q)[cols_i]: gathers over the n entries, O(B n) memory,
         # never a d_L x d_0 matrix (completion problems are large and sparse)
         rows, cols = data[0], data[1]
-        r = rp[:, rows] if P is not None else None
-        c = cq[:, cols] if Q is not None else None
+        r = _gather(rp, rows) if P is not None else None
+        c = _gather(cq, cols) if Q is not None else None
         if r is None and c is None:
             return like.new_ones((B,))
         return (r if c is None else c if r is None else r * c).mean(-1)
@@ -255,7 +271,7 @@ def _large_terms(family, data, P, Q, rp, cq, d_L, d_0, like, red):
         return (alpha * beta).mean(-1)
     # Dense, Gram form (1/n) Σ_i <G A_i, A_i H>
     Ap = data[0]
-    n = Ap.shape[1]
+    n = Ap.shape[-2]
     A_rows, A_cols = _dense_views(Ap)
     GA = A_rows if P is None else red.mm(P, P.transpose(-1, -2))[0] @ A_rows
     AH = A_cols if Q is None else A_cols @ red.mm(Q.transpose(-1, -2), Q)[0]
@@ -264,10 +280,15 @@ def _large_terms(family, data, P, Q, rp, cq, d_L, d_0, like, red):
 
 
 def _entries_sum(values, gather, scatter, size: int, B: int, like: torch.Tensor) -> torch.Tensor:
-    """``out[b, k] = (1/n) Σ_{i: scatter_i = k} values[b, gather_i]`` (B, size); ``values=None`` means ones."""
-    n = gather.shape[0]
-    src = values[:, gather] if values is not None else like.new_ones((1, n)).expand(B, n)
+    """``out[b, k] = (1/n) Σ_{i: scatter_i = k} values[b, gather_i]`` (B, size); ``values=None`` means ones.
+
+    ``gather``, ``scatter``: (n,) shared by every problem, or (B, n), problem ``b``'s in row ``b``.
+    """
+    n = gather.shape[-1]
+    src = _gather(values, gather) if values is not None else like.new_ones((1, n)).expand(B, n)
     out = like.new_zeros((B, size))
+    if scatter.dim() == 2:
+        return out.scatter_add_(1, scatter, src.contiguous()) / n
     return out.index_add_(1, scatter, src) / n
 
 
@@ -291,7 +312,7 @@ def _large_bars(family, data, P, Q, rp, cq, g, d_L, d_0, red, need_p, need_q):
         else:
             M = data[0]
             QM = (Q @ M) if Q is not None else None
-            fq = (Q * QM).sum((-2, -1)) if Q is not None else torch.diagonal(M).sum().expand(B)
+            fq = (Q * QM).sum((-2, -1)) if Q is not None else _trace(M, B)
             if need_q:
                 q_bar = red.scale(QM, wr=(2 * g * fp)[:, None])
         if need_p:
@@ -304,7 +325,7 @@ def _large_bars(family, data, P, Q, rp, cq, g, d_L, d_0, red, need_p, need_q):
             q_bar = red.scale(Q, wc=2 * g[:, None] * _entries_sum(rp, rows, cols, d_0, B, g))
     elif family == families.RANK_ONE:
         U, V = data[0], data[1]
-        n = U.shape[0]
+        n = U.shape[-2]
         if P is not None:
             UP, alpha, _ = red.mm(U, P, rows=True)
         else:
@@ -314,20 +335,20 @@ def _large_bars(family, data, P, Q, rp, cq, g, d_L, d_0, red, need_p, need_q):
         else:
             VQ, beta = V.expand(B, -1, -1), V.square().sum(-1).expand(B, -1)
         if need_p:
-            p_bar = U.T @ red.scale(UP, wr=(2 / n) * g[:, None] * beta)
+            p_bar = U.transpose(-1, -2) @ red.scale(UP, wr=(2 / n) * g[:, None] * beta)
         if need_q:
             q_bar = red.scale(VQ, wr=(2 / n) * g[:, None] * alpha).transpose(-1, -2) @ V
     else:  # Dense: S = (1/n) Σ_i A_i H A_iᵀ and T = (1/n) Σ_i A_iᵀ G A_i, one GEMM each
         Ap = data[0]
-        n = Ap.shape[1]
+        n = Ap.shape[-2]
         A_rows, A_cols = _dense_views(Ap)
         if need_p:
             AH = A_cols if Q is None else A_cols @ red.mm(Q.transpose(-1, -2), Q)[0]
-            S = AH.reshape(*AH.shape[:-2], d_L, -1) @ A_rows.T / n
+            S = AH.reshape(*AH.shape[:-2], d_L, -1) @ A_rows.transpose(-1, -2) / n
             p_bar = 2 * g[:, None, None] * (S @ P)
         if need_q:
             GA = A_rows if P is None else red.mm(P, P.transpose(-1, -2))[0] @ A_rows
-            T = A_cols.T @ GA.reshape(*GA.shape[:-2], -1, d_0) / n
+            T = A_cols.transpose(-1, -2) @ GA.reshape(*GA.shape[:-2], -1, d_0) / n
             q_bar = 2 * g[:, None, None] * (Q @ T)
     return p_bar, q_bar
 

@@ -61,7 +61,7 @@ INPUTS = tl.constexpr(families.INPUTS)
 
 # run-time integers: specializing them (== 1, divisible by 16) would compile the same kernel again
 # for each pattern of depth, measurement count and strides
-_RUNTIME_INTS = ["L", "n", "with_e", "s_wb", "s_scr", "s_ai", "s_aa", "s_ab"]
+_RUNTIME_INTS = ["L", "n", "with_e", "s_wb", "s_scr", "s_ai", "s_aa", "s_ab", "s_x1b", "s_x2b"]
 
 
 @triton.jit
@@ -264,15 +264,18 @@ def _small_contract_grad(Pj, Qj, SCR, g, dp, dq, d_L, d_0, n, X1, X2, s_ai, s_aa
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _chain_small_fwd_kernel(W, s_wb, WIDTHS, P_ws, Q_ws, SCR, s_scr, OUT, E_OUT, with_e, L, n, X1, X2,
-                            s_ai, s_aa, s_ab, D: tl.constexpr, FAMILY: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, PREC: tl.constexpr):
+                            s_x1b, s_x2b, s_ai, s_aa, s_ab, D: tl.constexpr, FAMILY: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """One program per problem: ``OUT[b, j] = c_j``; stores ``P_j``, ``Q_j`` for the backward.
 
     W: (B, Σ d_j d_{j-1}) packed layers, batch stride ``s_wb``; WIDTHS: (L + 1,) int32, ``d_0 … d_L``;
     P_ws, Q_ws: (B, L, D, D); SCR: scratch tiles, batch stride ``s_scr``; OUT: (B, L);
-    E_OUT: (B, d_L, d_0), written when ``with_e != 0``.
+    E_OUT: (B, d_L, d_0), written when ``with_e != 0``.  X1, X2: the family's data, problem ``b``'s
+    at ``X1 + b s_x1b``, ``X2 + b s_x2b`` (batch strides 0: one set shared by every problem).
     """
     b = tl.program_id(0).to(tl.int64)
+    X1 = X1 + b * s_x1b
+    X2 = X2 + b * s_x2b
     DD: tl.constexpr = D * D
     ws = b * L * DD
     wb = W + b * s_wb
@@ -318,15 +321,18 @@ def _chain_small_fwd_kernel(W, s_wb, WIDTHS, P_ws, Q_ws, SCR, s_scr, OUT, E_OUT,
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _chain_small_bwd_kernel(W, s_wb, WIDTHS, P_ws, Q_ws, GRAD, GRAD_E, with_e, DW, QBAR_ws, SCR, s_scr, L, n,
-                            X1, X2, s_ai, s_aa, s_ab, D: tl.constexpr, FAMILY: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, PREC: tl.constexpr):
+                            X1, X2, s_x1b, s_x2b, s_ai, s_aa, s_ab, D: tl.constexpr, FAMILY: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """One program per problem: ``DW[b] = Σ_k GRAD[b, k] ∂c_k/∂W + ∂<GRAD_E[b], E>/∂W``, packed like ``W``.
 
     W, DW: (B, Σ d_j d_{j-1}) with batch stride ``s_wb``; WIDTHS: (L + 1,) int32; P_ws, Q_ws,
     QBAR_ws: (B, L, D, D); GRAD: (B, L); GRAD_E: (B, d_L, d_0), read when ``with_e != 0``;
-    SCR: scratch tiles (the running chain gradient, then Dense's), batch stride ``s_scr``.
+    SCR: scratch tiles (the running chain gradient, then Dense's), batch stride ``s_scr``;
+    X1, X2: the family's data, problem ``b``'s at ``X1 + b s_x1b``, ``X2 + b s_x2b``.
     """
     b = tl.program_id(0).to(tl.int64)
+    X1 = X1 + b * s_x1b
+    X2 = X2 + b * s_x2b
     DD: tl.constexpr = D * D
     ws = b * L * DD
     wb = W + b * s_wb
@@ -422,21 +428,25 @@ SMALL_BK = 16
 
 
 def _family_args(family: int, data: list[torch.Tensor], like: torch.Tensor):
-    """``X1, X2, n, (s_ai, s_aa, s_ab)``: the family's data pointers, count and Dense's strides.
+    """``X1, X2, n, (s_x1b, s_x2b, s_ai, s_aa, s_ab)``: the family's data pointers, count, batch
+    strides (0: one set for every problem) and Dense's strides.
 
     ``data`` as ``hessian_trace._prepare`` makes it: Entries ``[K]``, RankOne ``[U, V]`` (contiguous),
-    Dense ``[Ap]`` (``A_i[a, b] = Ap[a, i, b]``), Inputs ``[M]`` (contiguous), Isotropic ``[]``.
+    Dense ``[Ap]`` (``A_i[a, b] = Ap[a, i, b]``), Inputs ``[M]`` (contiguous), Isotropic ``[]``; each
+    with a leading ``B`` dim for per-problem sets.
     """
-    if family == families.ENTRIES:
-        return data[0], data[0], 1, (0, 0, 0)
+    if family == families.ISOTROPIC:
+        return like, like, 1, (0, 0, 0, 0, 0)  # no data; any pointer fills the slot
+    X1 = data[0]
+    X2 = data[1] if family == families.RANK_ONE else X1
+    rank = {families.ENTRIES: 2, families.RANK_ONE: 2, families.DENSE: 3, families.INPUTS: 2}[family]
+    batched = X1.dim() > rank
+    s1b, s2b = (X1.stride(0), X2.stride(0)) if batched else (0, 0)
     if family == families.RANK_ONE:
-        return data[0], data[1], data[0].shape[0], (0, 0, 0)
+        return X1, X2, X1.shape[-2], (s1b, s2b, 0, 0, 0)
     if family == families.DENSE:
-        Ap = data[0]
-        return Ap, Ap, Ap.shape[1], (Ap.stride(1), Ap.stride(0), Ap.stride(2))
-    if family == families.INPUTS:
-        return data[0], data[0], 1, (0, 0, 0)
-    return like, like, 1, (0, 0, 0)  # Isotropic needs no data; any pointer fills the slot
+        return X1, X1, X1.shape[-2], (s1b, s2b, X1.stride(-2), X1.stride(-3), X1.stride(-1))
+    return X1, X1, 1, (s1b, s2b, 0, 0, 0)
 
 
 def _scratch(W, tiles: int, D: int):

@@ -541,7 +541,7 @@ class FlatnessRegularized(_Regularized):
         """
         if lam == 0.0:
             return None
-        if lam is not None:
+        if lam is not None and self.problem_lam is None:
             into = self._plain_grads()
             if into is not None and not self._use_all_reduce():
                 # the usual step: W_j.grad += lam ∂ tr/∂W_j inside the kernel's own call

@@ -9,6 +9,8 @@ import types
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flatkern import cli
 
@@ -233,3 +235,81 @@ def test_usage_errors_and_help_come_before_torch_is_imported(tmp_path, argv):
     proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, *argv], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
     assert "torch imported: False" in proc.stderr, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- the grid from the command line (issue 20 §2)
+
+_BAD_GRIDS = [
+    (["--sizes", "0"], "argument --sizes: must be positive ints, got 0"),
+    (["--depths", "2,x"], "argument --depths: must be comma-separated positive ints"),
+    (["--seeds", "-1"], "argument --seeds: must be ints >= 0, got -1"),
+    (["--ns", "100,100"], "argument --ns: must be distinct"),
+    (["--sizes", "3", "--ranks", "2,5"], "argument --ranks: a rank-r d × d matrix needs r <= d"),
+    (["--experiments", "sensign"], "no experiment 'sensign' (did you mean sensing?)"),
+    (["--grid-file", "missing.toml"], "argument --grid-file: cannot read missing.toml"),
+    (["--grid-file", "grid.yaml"], "a grid file ends in .toml or .json"),
+]
+
+
+@pytest.mark.parametrize("argv, message", _BAD_GRIDS, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(_BAD_GRIDS)])
+def test_a_bad_grid_is_a_usage_error_before_torch_is_imported(argv, message, tmp_path):
+    (tmp_path / "grid.yaml").write_text("sizes: [3]\n")
+    code = _BARE_PACKAGE + (
+        "import flatkern.cli as c\n"
+        f"try:\n    c.main(['reproduce', *{argv!r}, '--out', 'out'])\n"
+        "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.stdout.split() == ["2", "False"], proc
+    assert message in proc.stderr and proc.stderr.startswith("usage: flatkern reproduce"), proc.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ('experimens = ["sensing"]', "experimens: unknown key (did you mean experiments?)"),
+    ('preset = "quik"', "preset must be one of quick, default, full"),
+    ("sizes = [3.5]", "sizes must be an int or a list of ints"),
+    ("seeds = []", "seeds must be an int or a list of ints"),
+    ('[sensing]\ndeptsh = [2]', "sensing.deptsh: not an axis (did you mean depths?)"),
+    ("sensing = 3", "sensing must be a table of axes"),
+    ("sizes = [", "is not valid TOML"),
+])
+def test_a_grid_file_names_the_key_it_cannot_use(tmp_path, text, message):
+    path = tmp_path / "grid.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(cli.GridFileError) as exc:
+        cli.read_grid_file(path)
+    assert message in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_a_toml_and_a_json_grid_file_say_the_same_and_options_override_them(tmp_path):
+    toml = tmp_path / "grid.toml"
+    toml.write_text('preset = "quick"\nexperiments = ["sensing", "trajectory"]\nsizes = 6\nranks = [1]\nseeds = [0, 3]\n'
+                    "[sensing]\nns = [30, 40]\n")
+    json_file = tmp_path / "grid.json"
+    json_file.write_text('{"preset": "quick", "experiments": ["sensing", "trajectory"], "sizes": 6, "ranks": [1], '
+                         '"seeds": [0, 3], "sensing": {"ns": [30, 40]}}')
+    assert cli.read_grid_file(toml) == cli.read_grid_file(json_file) == {
+        "preset": "quick", "experiments": ("sensing", "trajectory"), "axes": {"sizes": (6,), "ranks": (1,), "seeds": (0, 3)},
+        "per_experiment": {"sensing": {"ns": (30, 40)}}}
+    args = cli.build_reproduce_parser().parse_args(["--grid-file", str(toml), "--seeds", "5", "--full"])
+    wanted = cli._grid_options(args)
+    assert wanted["preset"] == "full" and wanted["axes"] == {"sizes": (6,), "ranks": (1,), "seeds": (5,)}
+    assert wanted["custom"] and wanted["per_experiment"] == {"sensing": {"ns": (30, 40)}}
+    # what --resume needs to rebuild the same grid
+    assert cli._grid_command(args) == f"flatkern reproduce --full --grid-file {toml} --seeds 5"
+    plain = cli.build_reproduce_parser().parse_args([])
+    assert not cli._grid_options(plain)["custom"] and cli._grid_command(plain) == "flatkern reproduce"
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.integers(-3, 50), min_size=1, max_size=5), axis=st.sampled_from(["sizes", "ranks", "depths", "ns", "seeds"]))
+def test_an_axis_option_takes_distinct_ints_above_its_minimum_or_names_what_is_wrong(values, axis):
+    minimum = 0 if axis == "seeds" else 1
+    parse = cli._axis_type(axis)
+    text = ",".join(map(str, values))
+    if min(values) >= minimum and len(set(values)) == len(values):
+        assert parse(text) == tuple(values)
+    else:
+        with pytest.raises(cli.argparse.ArgumentTypeError) as exc:
+            parse(text)
+        assert ("distinct" in str(exc.value)) or (str(min(values)) in str(exc.value)), exc.value

@@ -74,7 +74,7 @@ def test_every_registry_row_is_a_complete_experiment():
     for name, e in found.items():
         assert isinstance(e, Experiment) and e.name == name, name
         # every protocol method is the experiment's own, not the base class's NotImplementedError
-        for method in ("tasks", "methods", "run", "cost", "table", "summary_section"):
+        for method in ("tasks", "methods", "run", "cost", "table", "summary_section", "sweep"):
             assert getattr(type(e), method) is not getattr(Experiment, method), (name, method)
         if e.figure_name is not None:
             assert e.figure_name.endswith(".png") and type(e).figure is not Experiment.figure, name
@@ -127,8 +127,9 @@ def test_generic_tasks_and_records_are_the_experiment_functions_own():
     grid = grid_of("tiny", flattest=FlattestGrid(matrices=(((4, 3), 1),), depths=(2,), budget=FlattestSettings(steps=20, polish_steps=5)),
                    sensing=RecoveryGrid(depths=(2,), ns=(12,), problem=problem))
     tasks = tasks_of(grid)
-    assert [tuple(t) for t in tasks] == [("flattest", (4, 3), 1, 2, 0), ("sensing", "nuclear_norm", None, 12, 0),
-                                         ("sensing", "networks", 2, 12, 0), ("sensing", "flattest_solution", 2, 12, 0)]
+    assert [tuple(t) for t in tasks] == [("flattest", (4, 3), 1, 2, 0), ("sensing", "nuclear_norm", 6, 1, None, 12, 0),
+                                         ("sensing", "networks", 6, 1, 2, 12, 0),
+                                         ("sensing", "flattest_solution", 6, 1, 2, 12, 0)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -155,3 +156,8 @@ def test_the_registry_module_names_every_line():
     for line in REGISTRY:
         module, attribute = line.split(":")
         assert (Path(registry.__file__).parent / f"{module}.py").exists() and attribute.isupper(), line
+    # the command line reads the names from the lines, before it imports an experiment (and torch)
+    from flatkern.cli import _experiment_names
+
+    assert _experiment_names() == tuple(experiments())
+    assert all(set(e.axes) <= {"sizes", "ranks", "depths", "ns", "seeds"} and e.axes for e in experiments().values())

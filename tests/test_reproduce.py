@@ -168,7 +168,7 @@ def test_quick_records_follow_the_results_contract(quick_run):
         assert ("flattest", m) in methods
     for m in ("gd", "gd_small_init", "flatness", "flattest_solution", "nuclear_norm", "label_noise"):
         assert ("sensing", m) in methods and ("completion", m) in methods
-    for m in ("gd", "label_noise", "sam", "flatness"):
+    for m in ("gd", "label_noise_sgd", "sam", "one_sam", "flatness"):
         assert ("trajectory", m) in methods
     for r in records:
         if r["method"] == "flattest_solution":
@@ -274,6 +274,42 @@ def test_torchrun_two_processes_write_the_same_results(quick_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in out.iterdir())
     assert json.loads((tmp_path / "results.json").read_text()) == records
     assert "on 2 worker processes" in (tmp_path / "summary.md").read_text()
+
+
+# a grid of one's own (issue 20 §2): two sizes of the recovery experiments, and the new trajectory methods
+CUSTOM_GRID = """preset = "quick"
+experiments = ["sensing", "completion", "trajectory"]
+sizes = [5, 6]
+ranks = [1]
+ns = [24]
+depths = [2]
+[trajectory]
+sizes = [5]
+"""
+
+
+@pytest.mark.slow  # two runs of ~30 s each on a loaded 2-core machine
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_a_grid_file_run_is_the_same_on_one_process_and_under_torchrun(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(CUSTOM_GRID)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["reproduce", "--grid-file", str(grid), "--no-progress", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "flatkern", *args, "--out", str(tmp_path / "one")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "flatkern", *args, "--out",
+                          str(tmp_path / "two")], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    records = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert json.loads((tmp_path / "two" / "results.json").read_text()) == records
+    assert {(r["experiment"], r.get("d")) for r in records} == {("sensing", 5), ("sensing", 6), ("completion", 5),
+                                                                ("completion", 6), ("trajectory", 5)}
+    assert {r["method"] for r in records if r["experiment"] == "trajectory"} == {
+        "gd", "label_noise_sgd", "sam", "one_sam", "flatness"}
+    summary = (tmp_path / "one" / "summary.md").read_text()
+    assert "grid `quick, custom`" in summary and "### 5 × 5, rank 1" in summary and "### 6 × 6, rank 1" in summary
+    assert f"--grid-file {grid}" in summary  # the command that reruns (and resumes) this grid
 
 
 # ---------------------------------------------------------------- the main job never loses work (issue 11 §4, issue 18 §8)
@@ -680,9 +716,13 @@ def _synthetic_records(depths, ns=(80, 200), seeds=(0,), smallest=0.5):
                         error = smallest if (method == "flattest_solution" and n == max(ns)) else 0.5
                         records.append(dict(experiment=experiment, method=method, depth=depth, n=n, seed=seed, d=20, rank=2,
                                             rel_error=error, nuclear_norm=10.0))
-        for method in ("gd", "label_noise", "sam", "flatness"):
+        for method in ("gd", "label_noise_sgd", "sam", "one_sam", "flatness"):
+            chains = 2 if method in ("label_noise_sgd", "one_sam") else None
             records.append(dict(experiment="trajectory", method=method, depth=depth, n=200, seed=0, d=20, rank=2,
-                                steps=[1, 10, 100, 1000], ratios=[3.0, 2.0, 1.5, 1.2], train_loss=1e-9, rel_error=0.1))
+                                steps=[1, 10, 100, 1000], ratios=[3.0, 2.0, 1.5, 1.2], nuclear_ratios=[2.0, 1.5, 1.2, 1.1],
+                                errors=[0.9, 0.5, 0.2, 0.1], losses=[1.0, 0.1, 1e-3, 1e-9], train_loss=1e-9, rel_error=0.1,
+                                main_steps=900, ratio=1.2, ratio_spread=0.0, nuclear_ratio=1.1, chains=chains,
+                                batch_size=10 if chains else None, reference_nuclear_ratio=1.0))
     for experiment in ("sensing", "completion"):
         for n in ns:
             for seed in seeds:

@@ -7,8 +7,11 @@
   program's nuclear norm at every ``n`` (an equality), and flatness
   regularization recovers a low-rank matrix from few measurements where plain
   gradient descent does not.
-- ``trajectory``: the exact trace along training (gd, label noise, SAM,
-  flatness) over the flattest solution's, and what tracking it costs.
+- ``trajectory``: implicit regularizers as the theory defines them (gd,
+  minibatch label-noise SGD, full-batch SAM, 1-SAM, flatness regularization)
+  along training: the exact trace over the flattest solution's, the nuclear
+  norm over the convex optimum's and the recovery error, against steps; and
+  what tracking the trace costs.
 - ``digits``: ReLU MLPs on scikit-learn's digits (sgd, label noise, SAM,
   ``FlatnessRegularizedMLP``): test accuracy against the exact trace of the
   training-loss Hessian, along training and at the end, and the cost per step.
@@ -23,6 +26,8 @@ report are generic.  To add an experiment: write ``<name>.py`` with an
 ``Experiment`` subclass instance, add its line here, and run
 ``python -m pytest tests/test_experiments.py``.
 
+``custom_grid(GRIDS[name], experiments_=..., axes=...)`` is a preset with the
+command line's experiments and axes (``Experiment.sweep``; docs/ARCHITECTURE.md).
 ``run_grid(GRIDS[name], out=...)`` runs the tasks (journaled in ``out`` as they
 finish, resumable) and returns the records; ``write_results`` writes
 ``results.json``, ``summary.md``, ``timings.json`` and the figures, each atomically.
@@ -47,7 +52,7 @@ REGISTRY = (
 
 # what each public name is imported from, when first used (PEP 562)
 _LAZY = {
-    "GRIDS": "grid", "Grid": "grid", "run_task": "grid", "tasks_of": "grid", "task_cost": "grid",
+    "GRIDS": "grid", "Grid": "grid", "custom_grid": "grid", "run_task": "grid", "tasks_of": "grid", "task_cost": "grid",
     "FIGURES": "report", "summary_markdown": "report", "write_results": "report",
     "Run": "runner", "distributed_rank": "runner", "run_grid": "runner",
     "JournalError": "journal", "check_out": "journal", "OutLock": "journal",

@@ -26,6 +26,13 @@ runner, the journal and the report read only this protocol:
 - ``table(records)``, ``summary_section(records)`` (markdown lines) and
   ``figure(records)`` (a matplotlib figure, or ``None``; saved as
   ``figure_name``): the report, from this experiment's records only.
+- ``axes`` and ``sweep(settings, axes)``: the grid axes of the command line
+  (``AXES``: ``sizes``, ``ranks``, ``depths``, ``ns``, ``seeds``) that the
+  experiment reads, and its settings with those axes replaced (``ValueError``
+  naming the axis for a value it cannot take); an axis it does not read is
+  ignored.
+- ``budget_note(settings)``: summary lines on the tasks the settings leave out
+  as unaffordable (``within_budget``), ``[]`` when none.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import textwrap
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-__all__ = ["Experiment", "NUMBER", "INT", "OPTIONAL_NUMBER", "OPTIONAL_INT", "mean", "fmt", "gap", "seconds",
+__all__ = ["Experiment", "AXES", "swept_problems", "within_budget", "budget_lines", "NUMBER", "INT", "OPTIONAL_NUMBER", "OPTIONAL_INT", "mean", "fmt", "gap", "seconds",
            "seeds_phrase", "pyplot", "fit", "suptitle", "figure_legend", "STYLE", "COMMON_FIELDS"]
 
 NUMBER = (float, int)
@@ -47,10 +54,15 @@ OPTIONAL_INT = (int, type(None))
 COMMON_FIELDS = {"experiment": (str,), "method": (str,), "depth": OPTIONAL_INT, "n": OPTIONAL_INT, "seed": INT}
 
 
+# the grid axes the command line sets (flatkern reproduce --sizes ... or a grid file): tuples of positive ints
+AXES = ("sizes", "ranks", "depths", "ns", "seeds")
+
+
 class Experiment:
     """One experiment (see the module docstring for the protocol); subclasses set the attributes and the methods."""
 
     name: str = ""
+    axes: tuple = ()
     figure_name: str | None = None
     Task: type = NamedTuple
     settings: Mapping[str, Any] = {}
@@ -77,9 +89,99 @@ class Experiment:
     def figure(self, records: list[dict]):
         return None
 
+    def sweep(self, settings, axes: dict):
+        """``settings`` with the grid axes in ``axes`` (``{axis: tuple of ints}``) that this experiment reads replaced."""
+        raise NotImplementedError
+
+    def budget_note(self, settings) -> list[str]:
+        return []
+
+    def memory_gb(self, task, settings) -> float:
+        """The task's estimated peak memory in GB (what ``within_budget`` compares with a grid's memory budget)."""
+        return 0.0
+
     def __repr__(self) -> str:
         # what a grid's repr (hence the journal's fingerprint) says of it: the settings carry the rest
         return f"<experiment {self.name}>"
+
+
+# ---------------------------------------------------------------- grid axes and budgets
+
+
+def swept_problems(problems: tuple, axes: dict) -> tuple:
+    """``((d, rank, ns), ...)`` with the ``sizes`` / ``ranks`` / ``ns`` of ``axes`` in place of ``problems``' own.
+
+    Given ``sizes`` or ``ranks``, the problems are every ``(d, rank)`` of their product (an axis not given keeps
+    the values ``problems`` has), each at ``ns`` (given, or the first problem's).  A rank above its size is a
+    ``ValueError`` naming both.
+    """
+    if not any(axis in axes for axis in ("sizes", "ranks", "ns")):
+        return tuple(problems)
+    sizes = axes.get("sizes") or tuple(dict.fromkeys(d for d, _, _ in problems))
+    ranks = axes.get("ranks") or tuple(dict.fromkeys(r for _, r, _ in problems))
+    if "sizes" not in axes and "ranks" not in axes:
+        return tuple((d, r, tuple(axes["ns"])) for d, r, _ in problems)
+    ns = tuple(axes.get("ns") or problems[0][2])
+    bad = [(d, r) for d in sizes for r in ranks if r > d]
+    if bad:
+        raise ValueError(f"ranks: a rank-r d × d matrix needs r <= d, got rank {bad[0][1]} with size {bad[0][0]} "
+                         f"(sizes {list(sizes)}, ranks {list(ranks)})")
+    return tuple((d, r, ns) for d in sizes for r in ranks)
+
+
+def _over(experiment, settings, task, max_seconds: float | None, max_memory_gb: float | None) -> bool:
+    return ((max_seconds is not None and experiment.cost(task, settings) > max_seconds)
+            or (max_memory_gb is not None and experiment.memory_gb(task, settings) > max_memory_gb))
+
+
+def _problem(task) -> tuple:
+    return tuple(getattr(task, f, None) for f in ("d", "rank", "n", "seed"))
+
+
+def within_budget(experiment, settings, tasks: list, max_seconds: float | None, max_memory_gb: float | None = None, *,
+                  whole_problems: bool = False) -> tuple[list, list]:
+    """``(kept, left_out)``: the tasks whose estimated ``experiment.cost`` (seconds) and ``experiment.memory_gb``
+    are within ``max_seconds`` and ``max_memory_gb`` (``None``: no limit), and the others, in order.
+
+    ``whole_problems``: a problem (a task's ``(d, rank, n, seed)``) runs whole or not at all (for an experiment
+    whose every comparison needs all of a problem's tasks).
+    """
+    over = [t for t in tasks if _over(experiment, settings, t, max_seconds, max_memory_gb)]
+    if whole_problems:
+        problems = {_problem(t) for t in over}
+        over = [t for t in tasks if _problem(t) in problems]
+    dropped = set(over)
+    return [t for t in tasks if t not in dropped], over
+
+
+def budget_lines(experiment, settings, tasks: list, max_seconds: float | None, max_memory_gb: float | None = None, *,
+                 whole_problems: bool = False) -> list[str]:
+    """What ``within_budget`` left out, for the summary: per problem size and kind of task, the ``n``'s whose task
+    is over the budget, and the estimates."""
+    _, left = within_budget(experiment, settings, tasks, max_seconds, max_memory_gb, whole_problems=whole_problems)
+    if not left:
+        return []
+    groups: dict = {}
+    for task in left:
+        if _over(experiment, settings, task, max_seconds, max_memory_gb):
+            key = (getattr(task, "d", 0), getattr(task, "rank", 0), getattr(task, "kind", "task"))
+            groups.setdefault(key, []).append((getattr(task, "n", None), experiment.cost(task, settings),
+                                               experiment.memory_gb(task, settings)))
+    parts = []
+    for (d, rank, kind), items in sorted(groups.items()):
+        ns = sorted({n for n, _, _ in items if n is not None})
+        low, high = min(c for _, c, _ in items), max(c for _, c, _ in items)
+        memory = max(m for _, _, m in items)
+        parts.append(f"{d} × {d} rank {rank}, `{kind}` at n = {', '.join(map(str, ns))} (estimated {low:.0f}"
+                     + (f"-{high:.0f}" if round(high) != round(low) else "") + " s each"
+                     + (f", {memory:.0f} GB" if max_memory_gb is not None and memory > max_memory_gb else "") + ")")
+    limits = [f"{max_seconds:.0f} s" if max_seconds is not None else None,
+              f"{max_memory_gb:g} GB" if max_memory_gb is not None else None]
+    limits = " and ".join(x for x in limits if x)
+    whole = " a problem (size, n, seed) runs whole or not at all, so" if whole_problems else ""
+    return [f"**Where this grid stops, and why.** {len(left)} tasks are left out: the cost model (`{experiment.name}`'s "
+            f"`cost` and `memory_gb`: seconds on one idle thread and memory, from measured runs) puts them above this "
+            f"grid's budget of {limits} per task;{whole} these were over it: " + "; ".join(parts) + ".", ""]
 
 
 # ---------------------------------------------------------------- numbers and words
@@ -113,7 +215,9 @@ STYLE = {
     "gd": dict(color="tab:red", marker="o"),
     "gd_small_init": dict(color="tab:orange", marker="s"),
     "label_noise": dict(color="tab:purple", marker="^"),
+    "label_noise_sgd": dict(color="tab:purple", marker="^"),
     "sam": dict(color="tab:brown", marker="v"),
+    "one_sam": dict(color="tab:olive", marker="<"),
     "flatness": dict(color="tab:blue", marker="D"),
     # wide and pale under nuclear_norm's dashed line, which it meets wherever the theorem holds
     "flattest_solution": dict(color="tab:cyan", marker="o", markersize=11, linewidth=5, alpha=0.5),

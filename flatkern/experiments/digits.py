@@ -42,7 +42,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -297,6 +297,11 @@ class Digits(Experiment):
     name = "digits"
     figure_name = "digits.png"
     Task = DigitsTask
+    axes = ("seeds",)  # the network and the data are fixed: no size, rank, depth or n to sweep
+
+    def sweep(self, s: DigitsSettings, axes: dict) -> DigitsSettings:
+        return replace(s, seeds=axes.get("seeds", s.seeds))
+
     settings = {
         "quick": DigitsSettings(seeds=(0,), lams=(1e-2,), widths=(64, 32, 10), steps=300, points=8),
         "default": DigitsSettings(),

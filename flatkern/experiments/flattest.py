@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -30,7 +30,7 @@ import torch
 from ..measurements import Isotropic
 from ..ops import end_to_end, hessian_trace
 from ..theory import flatness_lower_bound
-from .base import COMMON_FIELDS, INT, NUMBER, STYLE, Experiment, fit, fmt, mean, pyplot
+from .base import COMMON_FIELDS, INT, NUMBER, STYLE, Experiment, fit, fmt, mean, pyplot, swept_problems
 from .baselines import balanced_factorization
 from .recovery import _generator
 from .training import standard_init, train_flatness, train_gd
@@ -128,6 +128,15 @@ class Flattest(Experiment):
     name = "flattest"
     figure_name = "flattest_ratio.png"
     Task = FlattestTask
+    axes = ("sizes", "ranks", "depths", "seeds")
+
+    def sweep(self, s: FlattestGrid, axes: dict) -> FlattestGrid:
+        # sizes / ranks make square d × d matrices of each rank (no n: a fixed M, not measurements)
+        matrices = s.matrices
+        if "sizes" in axes or "ranks" in axes:
+            given = tuple((shape[0], rank, ()) for shape, rank in s.matrices)
+            matrices = tuple(((d, d), r) for d, r, _ in swept_problems(given, {k: axes[k] for k in ("sizes", "ranks") if k in axes}))
+        return replace(s, matrices=matrices, depths=axes.get("depths", s.depths), seeds=axes.get("seeds", s.seeds))
     settings = {
         "quick": FlattestGrid(matrices=(((8, 8), 2),), depths=(2, 3, 4),
                               budget=FlattestSettings(steps=600, polish_steps=100)),

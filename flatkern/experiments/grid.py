@@ -8,7 +8,9 @@ so a record does not depend on which process ran it: ``torchrun
 --nproc_per_node=K`` gives the same ``results.json`` as one process.
 
 ``GRIDS`` holds ``quick``, ``default`` and ``full``, each from the settings the
-registered experiments give for that name (``experiments.REGISTRY``).
+registered experiments give for that name (``experiments.REGISTRY``);
+``custom_grid`` is one of them with the command line's experiments and axes
+(``flatkern reproduce --sizes ... --experiments ...`` or ``--grid-file``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from . import experiments
 from .base import Experiment
 
-__all__ = ["Grid", "GRIDS", "GRID_NAMES", "grid_of", "tasks_of", "run_task", "task_cost"]
+__all__ = ["Grid", "GRIDS", "GRID_NAMES", "grid_of", "custom_grid", "tasks_of", "run_task", "task_cost"]
 
 GRID_NAMES = ("quick", "default", "full")
 
@@ -63,6 +65,38 @@ def grid_of(name: str, **overrides) -> Grid:
 
 
 GRIDS = {name: grid_of(name) for name in GRID_NAMES}
+
+
+def custom_grid(base: Grid, *, experiments_: list[str] | None = None, axes: dict | None = None,
+                per_experiment: dict | None = None, name: str | None = None) -> Grid:
+    """``base`` (a preset) with only ``experiments_`` (names, in registry order; ``None``: all of ``base``'s), each
+    part's settings swept to ``axes`` (``{axis: tuple of ints}``, ``base.AXES``) updated by ``per_experiment[name]``.
+
+    ``ValueError`` naming the experiment and the axis when a part cannot take a value (``Experiment.sweep``), or
+    naming an experiment ``base`` does not have.
+    """
+    axes, per_experiment = dict(axes or {}), dict(per_experiment or {})
+    names = [e.name for e, _ in base.parts]
+    wanted = names if experiments_ is None else list(experiments_)
+    missing = [n for n in wanted if n not in names] + [n for n in per_experiment if n not in wanted]
+    if missing:
+        raise ValueError(f"experiments: grid '{base.name}' runs {names}; {missing} not among the experiments chosen "
+                         f"({wanted})")
+    parts = []
+    for experiment, settings in base.parts:
+        if experiment.name not in wanted:
+            continue
+        mine = dict(axes, **per_experiment.get(experiment.name, {}))
+        if mine:
+            try:
+                settings = experiment.sweep(settings, mine)
+            except ValueError as exc:
+                raise ValueError(f"experiment {experiment.name}: {exc}") from None
+        if not experiment.tasks(settings):
+            raise ValueError(f"experiment {experiment.name}: these axes leave it no task "
+                             f"(all left out as unaffordable?); leave it out with --experiments")
+        parts.append((experiment, settings))
+    return Grid(name or base.name, tuple(parts))
 
 
 def tasks_of(grid: Grid) -> list:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -40,13 +40,14 @@ import torch
 from ..measurements import Dense, Entries, Isotropic, Measurements
 from ..ops import end_to_end, hessian_trace
 from ..theory import flatness_lower_bound
-from .base import (COMMON_FIELDS, INT, NUMBER, OPTIONAL_NUMBER, STYLE, Experiment, figure_legend, fmt, gap, mean, pyplot,
-                   seeds_phrase, suptitle)
+from .base import (COMMON_FIELDS, INT, NUMBER, OPTIONAL_NUMBER, STYLE, Experiment, budget_lines, figure_legend, fmt, gap,
+                   mean, pyplot, seeds_phrase, suptitle, swept_problems, within_budget)
 from .baselines import nuclear_norm_solution
 from .training import kernel_norm, standard_init, train_flatness, train_gd
 
 __all__ = ["RecoverySettings", "RecoveryGrid", "RecoveryTask", "SENSING", "COMPLETION", "make_problem", "run_networks",
-           "run_flattest_solution", "run_nuclear_norm", "NETWORK_METHODS", "METHODS"]
+           "run_flattest_solution", "run_nuclear_norm", "NETWORK_METHODS", "METHODS", "convex_cost", "convex_memory_gb",
+           "LITERATURE", "FULL_TASK_SECONDS", "FULL_TASK_MEMORY_GB"]
 
 NETWORK_METHODS = ("gd", "gd_small_init", "label_noise", "flatness")
 METHODS = ("gd", "gd_small_init", "label_noise", "flatness", "flattest_solution", "nuclear_norm")
@@ -194,6 +195,8 @@ def run_nuclear_norm(experiment: str, n: int, seed: int, settings: RecoverySetti
 class RecoveryTask(NamedTuple):
     experiment: str     # "sensing" or "completion"
     kind: str           # "nuclear_norm" (no depth), "networks" or "flattest_solution"
+    d: int              # M* is d × d
+    rank: int
     depth: int | None
     n: int
     seed: int
@@ -201,17 +204,57 @@ class RecoveryTask(NamedTuple):
 
 @dataclass(frozen=True)
 class RecoveryGrid:
-    """The sweep (depths, measurement counts, seeds) and the problem and budget of one grid's recovery experiment."""
+    """The sweep (problem sizes, depths, measurement counts, seeds) and the budget of one grid's recovery experiment.
+
+    ``problems``: ``((d, rank, ns), ...)``, each a rank-``rank`` ``d × d`` ``M*`` at every ``n`` of ``ns``; empty
+    means the one problem ``(problem.d, problem.rank, ns)``.  ``problem`` holds the training budget (its ``d`` and
+    ``rank`` are replaced by each task's).  ``max_task_seconds`` / ``max_task_memory_gb``: a task whose estimated
+    cost (``cost``, one idle thread) or memory (``memory_gb``) is above it is left out of the grid, and the
+    summary says which and why (``None``: no limit).  A problem whose convex baseline is left out still runs its
+    networks and flattest solution (their recovery errors need only ``M*``).
+    """
 
     depths: tuple = (2, 3, 4)
     ns: tuple = (80, 120, 160, 200)      # r (d_0 + d_L) = 80 up to d_0 d_L / 2 = 200
     seeds: tuple = (0,)
     problem: RecoverySettings = field(default_factory=RecoverySettings)
+    problems: tuple = ()
+    max_task_seconds: float | None = None
+    max_task_memory_gb: float | None = None
+
+    def sizes(self) -> tuple:
+        """``((d, rank, ns), ...)``: the problems this grid sweeps."""
+        return self.problems or ((self.problem.d, self.problem.rank, tuple(self.ns)),)
 
 
 _QUICK = RecoverySettings(steps=600, polish_steps=200)
 _FULL = RecoverySettings(steps=2000, polish_steps=500)
 _FULL_NS = (60, 80, 100, 120, 140, 160, 180, 200)
+def convex_cost(dense: bool, d: int, n: int) -> float:
+    """Estimated seconds (one thread) of ``nuclear_norm_solution`` for a ``d × d`` ``X`` and ``n`` measurements.
+
+    Clarabel's SDP, measured on one thread of a loaded machine: 3-4 s at d = 20 (n <= 200); Gaussian sensing
+    76 s at d = 50, n = 500 and 209 s at n = 1000 (``(n d²)^1.46``); completion 34 s at d = 40, n = 320 and
+    218 s at d = 60, n = 720 (``d^4.6``; its n matters little).
+    """
+    if dense:
+        return max(3.5, 209.0 * (n * d * d / 2.5e6) ** 1.46)
+    return max(3.5, 218.0 * (d / 60) ** 4.6)
+
+
+def convex_memory_gb(d: int) -> float:
+    """Estimated peak memory (GB) of ``nuclear_norm_solution`` for a ``d × d`` ``X``: Clarabel factors a dense block
+    of the ``2d × 2d`` PSD cone's ``m = d(2d + 1)`` entries, ``m²`` of them.  Measured: completion at d = 100,
+    n = 2000 passed 20 GB and was killed by the kernel's OOM killer on a 23 GB machine (50 bytes per ``m²``)."""
+    return 50e-9 * (d * (2 * d + 1)) ** 2
+
+
+# the literature's size (Arora et al. 2019): 100 × 100, rank 5, n = 2,000 to 5,000 observations
+LITERATURE = (100, 5, (2000, 3000, 4000, 5000))
+# the largest estimated cost (one idle thread) and memory of a task --full runs: the rest are left out, and the
+# summary says so (a task's memory times the processes of a run must fit the machine's)
+FULL_TASK_SECONDS = 3600.0
+FULL_TASK_MEMORY_GB = 8.0
 
 
 class Recovery(Experiment):
@@ -220,44 +263,75 @@ class Recovery(Experiment):
     Task = RecoveryTask
     fields = dict(COMMON_FIELDS, n=INT, d=INT, rank=INT, rel_error=NUMBER, nuclear_norm=NUMBER, train_loss=NUMBER,
                   trace=OPTIONAL_NUMBER, trace_isotropic=OPTIONAL_NUMBER, ratio=OPTIONAL_NUMBER)
+    axes = ("sizes", "ranks", "depths", "ns", "seeds")
 
     def __init__(self, name: str, title: str, settings: dict):
         self.name, self.title, self.settings = name, title, settings
         self.figure_name = f"recovery_{name}.png"
 
-    def tasks(self, s: RecoveryGrid) -> list[RecoveryTask]:
+    def all_tasks(self, s: RecoveryGrid) -> list[RecoveryTask]:
+        """Every task of the sweep, affordable or not."""
         tasks = []
-        for n in s.ns:
-            for seed in s.seeds:
-                tasks.append(RecoveryTask(self.name, "nuclear_norm", None, n, seed))
-                for depth in s.depths:
-                    tasks.append(RecoveryTask(self.name, "networks", depth, n, seed))
-                    tasks.append(RecoveryTask(self.name, "flattest_solution", depth, n, seed))
+        for d, rank, ns in s.sizes():
+            for n in ns:
+                for seed in s.seeds:
+                    tasks.append(RecoveryTask(self.name, "nuclear_norm", d, rank, None, n, seed))
+                    for depth in s.depths:
+                        tasks.append(RecoveryTask(self.name, "networks", d, rank, depth, n, seed))
+                        tasks.append(RecoveryTask(self.name, "flattest_solution", d, rank, depth, n, seed))
         return tasks
+
+    def tasks(self, s: RecoveryGrid) -> list[RecoveryTask]:
+        return within_budget(self, s, self.all_tasks(s), s.max_task_seconds, s.max_task_memory_gb)[0]
+
+    def budget_note(self, s: RecoveryGrid) -> list[str]:
+        return budget_lines(self, s, self.all_tasks(s), s.max_task_seconds, s.max_task_memory_gb)
+
+    def memory_gb(self, task: RecoveryTask, s: RecoveryGrid) -> float:
+        if task.kind == "nuclear_norm":
+            return convex_memory_gb(task.d)
+        return 8e-9 * task.n * task.d**2 * (3 if self.name == "sensing" else 0) + 0.3  # Dense A and its copies
+
+    def sweep(self, s: RecoveryGrid, axes: dict) -> RecoveryGrid:
+        if any(axis in axes for axis in ("sizes", "ranks", "ns")):
+            sizes = swept_problems(s.sizes(), axes)
+            s = replace(s, problems=sizes, ns=sizes[0][2])
+        return replace(s, depths=axes.get("depths", s.depths), seeds=axes.get("seeds", s.seeds))
 
     def methods(self, task: RecoveryTask) -> tuple[str, ...]:
         return NETWORK_METHODS if task.kind == "networks" else (task.kind,)
 
     def run(self, task: RecoveryTask, s: RecoveryGrid, backend: str) -> list[dict]:
+        problem = replace(s.problem, d=task.d, rank=task.rank)
         if task.kind == "nuclear_norm":
-            return run_nuclear_norm(task.experiment, task.n, task.seed, s.problem)
+            return run_nuclear_norm(task.experiment, task.n, task.seed, problem)
         if task.kind == "flattest_solution":
-            return run_flattest_solution(task.experiment, task.depth, task.n, task.seed, s.problem, backend)
+            return run_flattest_solution(task.experiment, task.depth, task.n, task.seed, problem, backend)
         if task.kind == "networks":
-            return run_networks(task.experiment, task.depth, task.n, task.seed, s.problem, backend)
+            return run_networks(task.experiment, task.depth, task.n, task.seed, problem, backend)
         raise ValueError(f"task.kind must be 'nuclear_norm', 'networks' or 'flattest_solution', got {task.kind!r}")
 
     def cost(self, task: RecoveryTask, s: RecoveryGrid) -> float:
-        # measured with the quick budget (d = 20, 800 steps): cvxpy 3-4 s; the four networks 1.3-3 s;
-        # a sensing solve 0.5-1 s, a completion solve (which runs to its iteration cap) 7-10 s
-        p = s.problem
-        scale = (p.d / 20) ** 3
+        # measured, one thread: at d = 20 (the quick budget, 800 steps) cvxpy 3-4 s, the four networks 1.3-3 s, a
+        # sensing solve 0.5-1 s, a completion solve (to its iteration cap) 7-10 s.  At 100 × 100, n = 2000, on a
+        # loaded machine: completion, a step of the four networks 2-4.5 ms (the small-d cost is overhead, not
+        # flops), a solve's inner iteration 3.2 ms × L; Gaussian sensing, a step of the four networks 1.3 s at
+        # L = 2 and 1.2 s at L = 4, a solve's inner iteration 1.45 s at L = 2 and 2.2 s at L = 4: its O(n d²)
+        # products with the Dense A, ~ 6.5e-8 s and 7e-8 s (1 + (L - 2)/4) per n d².  A sensing solve is
+        # assumed to take 1000 inner iterations (not measured at that size; its cap is 6000)
+        p, d, n = s.problem, task.d, task.n
+        dense = self.name == "sensing"
         if task.kind == "nuclear_norm":
-            return 3.5 * scale
+            return convex_cost(dense, d, n)
+        steps = p.steps + p.polish_steps
         if task.kind == "networks":
-            return 2.5e-3 * (p.steps + p.polish_steps) * (1 + task.depth / 4) * scale
-        per_depth = 3.5 if self.name == "completion" else 0.4
-        return per_depth * task.depth * (p.solution_max_outer * p.solution_max_inner) / 6000 * scale
+            per_step = 2.5e-3 * (1 + task.depth / 4) * max(1.0, d / 60) + (6.5e-8 * n * d * d if dense else 0.0)
+            return per_step * steps
+        iterations = p.solution_max_outer * p.solution_max_inner
+        if dense:
+            return (6.7e-5 * task.depth * iterations
+                    + 7e-8 * n * d * d * (1 + (task.depth - 2) / 4) * min(iterations, 1000))
+        return 5.8e-4 * task.depth * max(1.0, d / 20) * iterations
 
     def table(self, records: list[dict]) -> dict:
         """``{(depth, n): {method: mean rel_error over seeds}}``; ``nuclear_norm`` (depth-free) is copied into every depth."""
@@ -287,6 +361,17 @@ class Recovery(Experiment):
         return table
 
     def summary_section(self, records: list[dict]) -> list[str]:
+        """The error table and the equality, one block per problem size (``### d × d, rank r`` when there are several)."""
+        groups = _by_size(records)
+        lines = self._size_section(next(iter(groups.values())))
+        if len(groups) == 1:
+            return lines
+        lines = lines[:4]  # the heading and the paragraph that says what the methods are, once
+        for (d, rank), mine in groups.items():
+            lines += [f"### {d} × {d}, rank {rank}", ""] + self._size_section(mine)[4:]
+        return lines
+
+    def _size_section(self, records: list[dict]) -> list[str]:
         table = self.table(records)
         methods = [m for m in METHODS if any(m in row for row in table.values())]
         over = seeds_phrase(len({r["seed"] for r in records}))
@@ -328,45 +413,62 @@ class Recovery(Experiment):
         return lines
 
     def figure(self, records: list[dict]):
-        """Relative recovery error against ``n``, one panel per depth, one line per method (log scale), one legend."""
+        """Relative recovery error against ``n``: one row of panels per problem size, one panel per depth, one line per
+        method (log scale), one legend."""
         plt = pyplot()
-        table = self.table(records)
-        depths = sorted({depth for depth, _ in table})
-        fig, axes = plt.subplots(1, len(depths), figsize=(max(4.6 * len(depths), 6.4), 4.6), sharey=True, squeeze=False)
-        shown = []
-        for ax, depth in zip(axes[0], depths):
-            ns = sorted(n for d, n in table if d == depth)
-            for method in METHODS:
-                ys = [table[(depth, n)].get(method, math.nan) for n in ns]
-                if all(math.isnan(y) for y in ys):
-                    continue
-                shown += [y for y in ys if y > 0]
-                ax.plot(ns, ys, label=method, **STYLE[method])
-            ax.set_yscale("log")
-            ax.set_title(f"depth L = {depth}")
-            ax.set_xlabel("number of measurements n")
-            ax.grid(True, which="both", alpha=0.3)
-        if shown:
-            # down to the smallest error in the data (exact recoveries reach 1e-8 and below), a decade of margin
-            low, high = min(shown), max(shown)
-            axes[0][0].set_ylim(10 ** math.floor(math.log10(low)), 10 ** math.ceil(math.log10(max(high, 1.0)) + 0.01))
-        axes[0][0].set_ylabel(r"relative error $\Vert E - M^*\Vert_F \,/\, \Vert M^*\Vert_F$")
-        d, r = next(((r["d"], r["rank"]) for r in records if "d" in r), ("?", "?"))
+        groups = _by_size(records)
+        depths = sorted({r["depth"] for r in records if r["depth"] is not None})
+        fig, axes = plt.subplots(len(groups), len(depths), figsize=(max(4.6 * len(depths), 6.4), 0.9 + 3.9 * len(groups)),
+                                 sharey="row", squeeze=False)
+        for row_axes, ((d, rank), mine) in zip(axes, groups.items()):
+            table = self.table(mine)
+            shown = []
+            for ax, depth in zip(row_axes, depths):
+                ns = sorted(n for L, n in table if L == depth)
+                for method in METHODS:
+                    ys = [table[(depth, n)].get(method, math.nan) for n in ns]
+                    if all(math.isnan(y) for y in ys):
+                        continue
+                    shown += [y for y in ys if y > 0]
+                    ax.plot(ns, ys, label=method, **STYLE[method])
+                ax.set_yscale("log")
+                ax.set_title(f"depth L = {depth}" + (f", {d}×{d} rank {rank}" if len(groups) > 1 else ""))
+                ax.set_xlabel("number of measurements n")
+                ax.grid(True, which="both", alpha=0.3)
+            if shown:
+                # down to the smallest error in the data (exact recoveries reach 1e-8 and below), a decade of margin
+                low, high = min(shown), max(shown)
+                row_axes[0].set_ylim(10 ** math.floor(math.log10(low)), 10 ** math.ceil(math.log10(max(high, 1.0)) + 0.01))
+            row_axes[0].set_ylabel(r"relative error $\Vert E - M^*\Vert_F \,/\, \Vert M^*\Vert_F$")
         seeds = len({r["seed"] for r in records})
         what = {"sensing": "Gaussian sensing", "completion": "matrix completion"}.get(self.name, self.name)
-        suptitle(fig, f"{what}: recovering a rank-{r} {d}×{d} matrix M* from n measurements "
+        sizes = " and ".join(f"rank-{r} {d}×{d}" for d, r in groups)
+        suptitle(fig, f"{what}: recovering a {sizes} matrix M* from n measurements "
                       f"({f'mean over {seeds} seeds; ' if seeds > 1 else ''}lower is better)")
-        figure_legend(fig, axes[0])  # and the layout
+        figure_legend(fig, axes.ravel())  # and the layout
         return fig
 
 
+def _by_size(records: list[dict]) -> dict:
+    """``{(d, rank): records}``, sizes in increasing order (records without a size: ``("?", "?")``)."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r.get("d", "?"), r.get("rank", "?"))].append(r)
+    return dict(sorted(groups.items(), key=lambda item: str(item[0]) if "?" in item[0] else f"{item[0][0]:09d}{item[0][1]:09d}"))
+
+
+# --full: the 20 × 20 sweep, and the literature's 100 × 100 rank-5 problems at n = 2,000-5,000 (one seed), as far as
+# each task's estimated cost stays within FULL_TASK_SECONDS (the summary says where Gaussian sensing stops)
+_FULL_PROBLEMS = ((20, 2, _FULL_NS), LITERATURE)
 SENSING = Recovery("sensing", "Gaussian sensing", {
     "quick": RecoveryGrid(depths=(2, 3), ns=(200,), problem=_QUICK),
     "default": RecoveryGrid(),
-    "full": RecoveryGrid(ns=_FULL_NS, seeds=(0, 1, 2), problem=_FULL),
+    "full": RecoveryGrid(seeds=(0, 1, 2), problem=_FULL, problems=_FULL_PROBLEMS, max_task_seconds=FULL_TASK_SECONDS,
+                         max_task_memory_gb=FULL_TASK_MEMORY_GB),
 })
 COMPLETION = Recovery("completion", "matrix completion (uniform entries)", {
     "quick": RecoveryGrid(depths=(2, 3), ns=(200,), problem=_QUICK),
     "default": RecoveryGrid(ns=(120, 200)),
-    "full": RecoveryGrid(ns=_FULL_NS, seeds=(0, 1, 2), problem=_FULL),
+    "full": RecoveryGrid(seeds=(0, 1, 2), problem=_FULL, problems=_FULL_PROBLEMS, max_task_seconds=FULL_TASK_SECONDS,
+                         max_task_memory_gb=FULL_TASK_MEMORY_GB),
 })

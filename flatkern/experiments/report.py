@@ -81,10 +81,12 @@ def _by_experiment(records: list[dict], among=None) -> list[tuple]:
 
 
 def summary_markdown(records: list[dict], *, grid: str, seconds: float, command: str, processes: int, resumed: int = 0,
-                     task_seconds: float | None = None, experiments=None) -> str:
+                     task_seconds: float | None = None, experiments=None, settings: dict | None = None) -> str:
     """The tables of the run, in markdown.
 
     ``experiments``: the ``Experiment`` objects of the run's grid, in order (default: the registry's).
+    ``settings``: ``{experiment name: its settings in the grid}``; each experiment's ``budget_note`` (the tasks
+    the grid left out as unaffordable) follows its section.
     ``processes``: the worker processes that ran tasks (over every rank);
     ``resumed``: tasks whose records an earlier, interrupted run computed;
     ``task_seconds``: the tasks' own wall time, summed over the workers.
@@ -110,8 +112,15 @@ def summary_markdown(records: list[dict], *, grid: str, seconds: float, command:
                + ")." if failed else "every one met its convergence test."),
             "",
         ]
-    for experiment, mine in _by_experiment(records, experiments):
-        lines += experiment.summary_section(mine)
+    settings = settings or {}
+    with_records = {e.name for e, _ in _by_experiment(records, experiments)}
+    for experiment in (list(registered().values()) if experiments is None else list(experiments)):
+        mine = [r for r in records if r["experiment"] == experiment.name]
+        note = experiment.budget_note(settings[experiment.name]) if experiment.name in settings else []
+        if experiment.name in with_records:
+            lines += experiment.summary_section(mine) + note
+        elif note:  # every task of it left out: say so rather than say nothing
+            lines += [f"## {experiment.name}: not run", ""] + note
     lines += [
         f"Every record (per seed and method, with every quantity measured) is in `results.json`, each number to "
         f"{DIGITS} significant digits ({TINY_DIGITS} below {TINY:g}; the digits every backend agrees on); the tables "
@@ -134,7 +143,7 @@ def _save(fig, path: Path) -> None:
 
 
 def write_results(records: list[dict], out: Path, *, grid: str, seconds: float, command: str, processes: int, resumed: int = 0,
-                  task_seconds: float | None = None, experiments=None) -> str:
+                  task_seconds: float | None = None, experiments=None, settings: dict | None = None) -> str:
     """Write the figures, ``summary.md``, ``timings.json`` and, last, ``results.json`` into ``out``; return the summary.
 
     Each file is written to a temporary name and renamed over the old one, and
@@ -144,11 +153,12 @@ def write_results(records: list[dict], out: Path, *, grid: str, seconds: float, 
     (``results_of``), so it is the same on every run of a grid, on every backend;
     the wall times go to ``timings.json``, and the summary and figures are drawn
     from the records at full precision.
-    ``experiments``: the grid's ``Experiment`` objects, in order (default: the registry's).
+    ``experiments``: the grid's ``Experiment`` objects, in order (default: the registry's); ``settings``: as
+    ``summary_markdown``'s.
     """
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_markdown(records, grid=grid, seconds=seconds, command=command, processes=processes, resumed=resumed,
-                               task_seconds=task_seconds, experiments=experiments)
+                               task_seconds=task_seconds, experiments=experiments, settings=settings)
     figures = []
     for experiment, mine in _by_experiment(records, experiments):
         fig = experiment.figure(mine) if experiment.figure_name else None

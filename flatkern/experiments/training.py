@@ -1,4 +1,4 @@
-"""Training loops shared by the experiments: gradient descent and flatness-regularized descent.
+"""Training loops shared by the experiments: gradient descent, flatness-regularized descent, and minibatch SGD.
 
 Every loop is full-batch gradient descent on ``mse_loss`` (``reduction="mean"``)
 with heavy-ball momentum 0.9 (as ``torch.optim.SGD(momentum=0.9)``) and a step
@@ -13,6 +13,11 @@ Hessian at zero loss): ``∂E/∂W_j`` maps ``Δ`` to ``P_j Δ Q_j`` and
 loss in ``E``.  Batched weights ``(B, d_j, d_{j-1})`` are ``B`` independent
 problems, each with its own step size.  Heavy ball is stable for
 ``η λ_max < 2 (1 + momentum)``; ``eta = 0.5`` leaves a wide margin.
+
+``train_sgd`` is the exception: the implicit regularizers as the theory defines
+them, plain minibatch SGD without momentum (label-noise SGD, and 1-SAM with its
+per-example ascent step), its step size ``eta / S_B(W)`` set with ``κ_B``, the
+largest curvature of a minibatch loss (``minibatch_kernel_norm``).
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from __future__ import annotations
 import torch
 
 from ..measurements import Dense, Entries, Isotropic, Measurements
-from ..ops import hessian_trace, mse_loss
+from ..ops import end_to_end, hessian_trace, mse_loss
 from ..optim import FlatnessRegularized
 from ..reference import chain_products_ref
 
-__all__ = ["kernel_norm", "curvature_bound", "standard_init", "train_gd", "train_flatness"]
+__all__ = ["kernel_norm", "minibatch_kernel_norm", "curvature_bound", "standard_init", "train_gd", "train_flatness",
+           "train_sgd", "predict_at"]
 
 
 def kernel_norm(measurements: Measurements) -> float:
@@ -210,6 +216,129 @@ def train_flatness(
         opt.zero_grad()
         mse_loss(weights, measurements, targets, backend=backend).sum().backward()
         opt.step()
+        if callback is not None:
+            callback(t + 1, weights)
+    return weights
+
+
+# ---------------------------------------------------------------- minibatch SGD (label noise, 1-SAM)
+
+
+def predict_at(measurements: Measurements, E: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``<A_i, E_k>`` for the measurements ``i = index[k]``: ``E`` of shape ``(*K, d_L, d_0)`` or ``(*K[:-1], d_L, d_0)``
+    (one ``E`` shared by the last index dimension), ``index`` int64 of shape ``K``; returns shape ``K``.
+
+    Only the ``index``-ed measurements are read: ``O(|K| d_L d_0)`` for ``Dense``, ``O(|K|)`` for ``Entries``.
+    """
+    if E.dim() == index.dim() + 1:  # one E per row of minibatch indices: share it
+        E = E.unsqueeze(-3)
+    if isinstance(measurements, Dense):
+        return (measurements.A[index] * E).sum((-2, -1))
+    if isinstance(measurements, Entries):
+        flat = (measurements.rows * measurements.shape[1] + measurements.cols)[index]
+        E = E.flatten(-2).expand(*index.shape, -1)
+        return E.gather(-1, flat.unsqueeze(-1)).squeeze(-1)
+    raise TypeError(f"predict_at supports Dense and Entries measurements, got {type(measurements).__name__}")
+
+
+def minibatch_kernel_norm(measurements: Measurements, batch_size: int, *, draws: int = 64, generator=None) -> float:
+    """``κ_B``: the largest ``kernel_norm`` of ``draws`` random minibatches of ``batch_size`` measurements (with replacement).
+
+    A minibatch loss is more curved than the full one (for Gaussian ``A``,
+    ``κ_B ≈ (1 + √(d_0 d_L / B))²`` against ``(1 + √(d_0 d_L / n))²``); its curvature
+    bound ``S_B`` sets SGD's step size.  An empirical maximum over the draws, not a
+    bound: the bound ``(n / B) κ`` is about twice as large for Gaussian ``A`` at the
+    trajectory's sizes (n = 200, B = 10, d = 20: 20 κ against ~ 9 κ), and would halve
+    the step.  Plain SGD is stable below ``2 / S``: ``eta < 2`` keeps a margin for
+    the minibatches not drawn.
+    """
+    n = measurements.n
+    if batch_size >= n:
+        return kernel_norm(measurements)
+    worst = 0.0
+    for _ in range(draws):
+        index = torch.randint(n, (batch_size,), generator=generator)
+        if isinstance(measurements, Dense):
+            worst = max(worst, kernel_norm(Dense(measurements.A[index])))
+        elif isinstance(measurements, Entries):
+            worst = max(worst, kernel_norm(Entries(measurements.rows[index], measurements.cols[index], measurements.shape)))
+        else:
+            raise TypeError(f"minibatch_kernel_norm supports Dense and Entries, got {type(measurements).__name__}")
+    return worst
+
+
+def train_sgd(
+    weights: list[torch.Tensor],
+    measurements: Measurements,
+    targets: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    eta,
+    kappa_batch: float,
+    label_noise=0.0,
+    one_sam=0.0,
+    generator=None,
+    backend: str = "auto",
+    callback=None,
+) -> list[torch.Tensor]:
+    """Plain minibatch SGD on the squared loss, in place: label-noise SGD, or 1-SAM.
+
+    Each step draws, for every chain, ``batch_size`` measurements ``I`` (uniform,
+    with replacement) and takes ``W ← W − η_t g`` with ``η_t = eta / S_B(W_t)``
+    (``curvature_bound`` with ``kappa_batch``, no momentum):
+
+    - label-noise SGD (``label_noise = σ``): ``g = ∇ (1/B) Σ_{i∈I} (<A_i, E> − b_i − σ ξ_i)²``,
+      ``ξ_i ~ N(0, 1)`` fresh at every step.  Its implicit regularizer near the
+      zero-loss manifold is ``η σ² tr ∇²L`` (Blanc et al. 2020, Damian et al. 2021).
+    - 1-SAM (``one_sam = ρ``): the ascent step per example,
+      ``g = (1/B) Σ_{i∈I} ∇ℓ_i(W + ρ ∇ℓ_i(W) / ‖∇ℓ_i(W)‖)``, ``ℓ_i = (<A_i, E> − b_i)²``;
+      SAM with batch size 1 (averaged over ``B`` examples per step), whose implicit
+      regularizer is the trace of the Hessian (Wen, Ma, Li 2023), where full-batch
+      SAM's is its largest eigenvalue.
+
+    Args:
+        weights: ``[W_1, ..., W_L]``, ``(R, d_j, d_{j-1})``: ``R`` chains, independent
+            draws from the same measurements (batched: one chain costs about as much as ``R``).
+        eta, label_noise, one_sam: numbers, or tensors of shape ``(R,)`` (one value per chain: a sweep in one batch).
+        targets: ``(n,)``.
+        kappa_batch: ``minibatch_kernel_norm(measurements, batch_size)``.
+        callback: ``callback(t, weights)`` after step ``t = 1, ..., steps``.
+    """
+    noise = torch.as_tensor(label_noise, dtype=targets.dtype)
+    rho = torch.as_tensor(one_sam, dtype=targets.dtype)
+    noisy = bool((noise > 0).any())
+    if noisy == bool((rho > 0).any()):
+        raise ValueError(f"train_sgd runs label-noise SGD or 1-SAM: exactly one of label_noise={label_noise} "
+                         f"and one_sam={one_sam} must be positive")
+    chains = weights[0].shape[:-2]
+    if len(chains) != 1:
+        raise ValueError(f"train_sgd: weights must have one leading chain dimension, got W_1 of shape {tuple(weights[0].shape)}")
+    noise, rho = noise.reshape(*noise.shape, 1), rho.reshape(*rho.shape, 1)  # against the minibatch dimension
+    step_size = StepSize(kappa_batch, torch.as_tensor(eta, dtype=targets.dtype))
+    n = measurements.n
+    for t in range(steps):
+        lr = step_size(weights)
+        index = torch.randint(n, (*chains, batch_size), generator=generator)
+        b = targets[index]
+        if noisy:
+            b = b + noise * torch.randn(b.shape, generator=generator, dtype=b.dtype)
+            E = end_to_end(weights, backend=backend)
+            loss = (predict_at(measurements, E, index) - b).square().mean(-1).sum()
+            grads = torch.autograd.grad(loss, weights)
+        else:
+            # one copy of the weights per example: (R, B, d_j, d_{j-1}), so every example has its own ascent point
+            each = [w.detach().unsqueeze(-3).expand(*chains, batch_size, *w.shape[-2:]).requires_grad_() for w in weights]
+            residual = predict_at(measurements, end_to_end(each, backend=backend), index) - b
+            g = torch.autograd.grad(residual.square().sum(), each)
+            with torch.no_grad():
+                norm = torch.stack([x.square().sum((-2, -1)) for x in g]).sum(0).sqrt().clamp_min(1e-300)
+                ascent = [(w + (rho / norm)[..., None, None] * x).requires_grad_() for w, x in zip(each, g)]
+            residual = predict_at(measurements, end_to_end(ascent, backend=backend), index) - b
+            grads = [x.mean(-3) for x in torch.autograd.grad(residual.square().sum(), ascent)]
+        with torch.no_grad():
+            for w, g in zip(weights, grads):
+                w.sub_(_batch_view(lr) * g)
         if callback is not None:
             callback(t + 1, weights)
     return weights

@@ -231,6 +231,7 @@ class TraceProblem:
         self._ids = [id(w) for w in weights]
         # the route's static part (device, dtype, family) is fixed with the key; shapes are in the key
         self.route = routing.resolve(self.backend, weights, self.measurements.family)
+        self._operands = list(self.measurements.operands)  # derived once by the measurements themselves
 
     @staticmethod
     def _signature(weights):
@@ -272,9 +273,10 @@ class TraceProblem:
         route = self._route(weights)
         call = schemas.call_hessian_trace_and_grad_into
         if route == "op" and call is not None and not torch.compiler.is_compiling():
-            # the op, and the add into `into` in the same C++ call (no gradients handed back to Python)
-            return call(_contiguous(weights), self.measurements.family, list(self.measurements.operands),
-                        self.scale, not self.per_layer, into, alpha)[0]
+            # the op, and the add into `into` in the same C++ call (no gradients handed back to Python;
+            # the call makes non-contiguous weights contiguous itself)
+            return call(weights, self.measurements.family, self._operands, self.scale, not self.per_layer, into,
+                        alpha)[0]
         trace, grads = _trace_and_grad(weights, self.measurements, route, self.scale, not self.per_layer)
         if len(into) != len(grads):
             raise RuntimeError(f"flatkern: into has {len(into)} tensors but weights has {len(grads)} layers")

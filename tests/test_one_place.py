@@ -216,6 +216,7 @@ def test_trace_problem_accumulate_adds_alpha_times_the_gradient(kind, per_layer,
     if not kernel_adds:  # the extension's entry absent: the gradients come back and Python adds them
         monkeypatch.setattr(schemas, "call_hessian_trace_and_grad_into", None)
     W = make_weights([5, 7, 6, 4])
+    W[1] = W[1].T.contiguous().T  # a non-contiguous layer: the call makes it contiguous itself
     meas, _ = make_measurements(kind, 4, 5, n=9)
     want, want_grads = fk.hessian_trace_and_grad(W, meas, per_layer=per_layer, backend="torch")
     problem = fk.TraceProblem(W, meas, per_layer=per_layer)

@@ -101,8 +101,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> call_hessian_trace(
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> call_hessian_trace_and_grad(
-    const std::vector<at::Tensor>& weights, int64_t family, const std::vector<at::Tensor>& operands, double scale,
+    const std::vector<at::Tensor>& given, int64_t family, const std::vector<at::Tensor>& operands, double scale,
     bool sum_layers, const std::optional<std::vector<at::Tensor>>& into, double alpha) {
+  // the kernels take contiguous weights; contiguous() is free for the usual ones
+  std::vector<at::Tensor> weights;
+  weights.reserve(given.size());
+  for (const at::Tensor& w : given) weights.push_back(w.contiguous());
   if (into.has_value()) {
     // checked before the op runs: a bad `into` changes nothing
     TORCH_CHECK(into->size() == weights.size(), "flatkern: into has ", into->size(), " tensors but weights has ",

@@ -556,6 +556,27 @@ class FlatnessRegularized(_Regularized):
     def _trace_sum(self, trace: torch.Tensor) -> torch.Tensor:
         return trace.sum() if self.problem_lam is None else (self.problem_lam * trace).sum()
 
+    def state_dict(self) -> dict:
+        """The base optimizer's ``state_dict`` (each group's ``lam`` included), and ``problem_lam`` when
+        there is one lam per problem."""
+        state = super().state_dict()
+        if self.problem_lam is not None:
+            state["problem_lam"] = self.problem_lam.clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``_Regularized.load_state_dict``; a saved ``problem_lam`` (checked against the weights'
+        batch shape before anything changes) replaces this optimizer's, and without one it keeps its own."""
+        problem_lam = state_dict.get("problem_lam") if isinstance(state_dict, dict) else None
+        if problem_lam is not None:
+            if not isinstance(problem_lam, torch.Tensor):
+                raise TypeError(f"state_dict['problem_lam'] must be a tensor, got {type(problem_lam).__name__}")
+            problem_lam = _check_problem_lam(problem_lam, self._weights[0])
+            state_dict = {k: v for k, v in state_dict.items() if k != "problem_lam"}
+        super().load_state_dict(state_dict)
+        if problem_lam is not None:
+            self.problem_lam = problem_lam
+
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Add ``lam ∇ tr ∇²L`` to the gradients and step the base optimizer.
 

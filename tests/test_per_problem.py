@@ -330,3 +330,21 @@ def test_step_with_closure_returns_the_loss_plus_each_problems_lam_times_its_tra
     torch.testing.assert_close(value, loss + (lam * trace).sum(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(opt.last_trace, trace, rtol=1e-12, atol=1e-12)
     assert "0.25" in repr(opt)
+
+
+def test_a_per_problem_lam_survives_state_dict():
+    torch.manual_seed(3)
+    W = [torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True), torch.randn(2, 2, 4, dtype=torch.float64,
+                                                                                    requires_grad=True)]
+    meas = fk.Isotropic()
+    a = fk.optim.FlatnessRegularized(W, torch.optim.SGD, lam=torch.tensor([0.1, 0.2]), measurements=meas, lr=0.1)
+    b = fk.optim.FlatnessRegularized(W, torch.optim.SGD, lam=torch.tensor([1.0, 1.0]), measurements=meas, lr=0.1)
+    state = a.state_dict()
+    b.load_state_dict(state)
+    torch.testing.assert_close(b.problem_lam, torch.tensor([0.1, 0.2], dtype=torch.float64))
+    plain = torch.optim.SGD(W, lr=0.1).state_dict()  # no problem_lam: b keeps its own
+    b.load_state_dict(plain)
+    torch.testing.assert_close(b.problem_lam, torch.tensor([0.1, 0.2], dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch shape"):
+        b.load_state_dict({**state, "problem_lam": torch.ones(3)})
+    torch.testing.assert_close(b.problem_lam, torch.tensor([0.1, 0.2], dtype=torch.float64))

@@ -269,9 +269,12 @@ def hessian_trace_of(
         reduction: ``"mean"`` or ``"sum"``, as in the torch loss (``"mean"``
             divides by ``N C`` for MSE, by ``N`` for cross-entropy).
         per_layer: return the trace of each Linear's diagonal block (weight and bias) separately.
-        backend: ``"auto"`` or ``"torch"``; a deep linear network with ``loss="mse"`` and no biases
-            also takes ``"cpp"``/``"triton"`` (``flatkern.hessian_trace`` with ``Inputs``).  Other
-            networks have only the plain-torch formula (``flatkern.piecewise``): naming a kernel raises.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.  A deep linear network with
+            ``loss="mse"`` and no biases takes ``flatkern.hessian_trace`` with ``Inputs``; any other
+            network the fused op ``flatkern::mlp_hessian_trace`` (C++ on CPU, Triton on CUDA), except
+            that ``"auto"`` keeps a deep linear network on its plain-torch formula.  ``"torch"`` is
+            the plain-torch formula (``flatkern.piecewise``), the only one with second derivatives.
+            A named kernel that cannot run raises, naming why.
 
     Returns:
         A scalar, or shape ``(L,)`` (one per ``nn.Linear``, in order) with ``per_layer=True``;
@@ -290,11 +293,14 @@ def hessian_trace_of(
             # copy of x, so an x that needs a derivative takes the plain-torch formula below (issue 18 item 3)
             return hessian_trace([layer.weight for layer in layers], Inputs(x), reduction=reduction,
                                  per_layer=per_layer, backend=backend)
-        _plain_torch_only(backend, "a deep linear network with biases, cross-entropy or inputs that need a gradient")
-        terms = _linear_layer_terms(layers, x, loss, reduction)
-    else:
-        _plain_torch_only(backend, "a network with ReLU / LeakyReLU activations")
-        terms = piecewise.layer_terms(net, x, loss, reduction)
+        if backend in ("auto", "torch"):
+            return _per_layer_or_sum(_linear_layer_terms(layers, x, loss, reduction), per_layer)
+        # a kernel named: the fused ReLU-network op takes a network without activations too
+    # the fused op (C++ on CPU, Triton on CUDA) or plain torch, as routing.resolve_mlp picks
+    return piecewise.kernel_layer_terms(net, x, loss, reduction, backend=backend, sum_layers=not per_layer)
+
+
+def _per_layer_or_sum(terms: torch.Tensor, per_layer: bool) -> torch.Tensor:
     return terms if per_layer else terms.sum()
 
 
@@ -306,14 +312,6 @@ def _transformed(tensors) -> bool:
         if torch._C._functorch.is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None:
             return True
     return False
-
-
-def _plain_torch_only(backend: str, what: str) -> None:
-    if backend not in ("auto", "torch"):
-        raise ValueError(
-            f"backend={backend!r}: hessian_trace_of has no {backend} kernel for {what} (only the plain-torch "
-            "formula, flatkern.piecewise); pass backend='auto' or 'torch'"
-        )
 
 
 def hessian_trace_and_grad_of(
@@ -335,7 +333,8 @@ def hessian_trace_and_grad_of(
 
     Args:
         model, inputs, loss, reduction, per_layer: as in ``hessian_trace_of``.
-        backend: ``"auto"`` or ``"torch"`` (plain torch; no kernel yet).
+        backend: as in ``hessian_trace_of``: ``"auto"`` runs the fused op's value-and-gradient kernel
+            (a deep linear network stays on the plain-torch sweep), ``"torch"`` plain torch.
 
     Returns:
         ``(trace, grads)``: ``trace`` a scalar (``(L,)`` with ``per_layer``; the value agrees with
@@ -343,11 +342,15 @@ def hessian_trace_and_grad_of(
         ``grads[k]`` the gradient of the (summed) trace with respect to that parameter.
     """
     net = _checked(model, inputs, loss, reduction, backend)
-    _plain_torch_only(backend, "the trace and its gradient of a network")
     x = piecewise.first_input(net, inputs.detach(), loss)
     if x.shape[0] == 0 and reduction == "mean":
         _no_samples(inputs)
-    terms, grads = piecewise.layer_terms_and_grad(net, x, loss, reduction)
+    if net.linear and backend == "auto":
+        # a deep linear network: the plain-torch sweep keeps one G_l for all samples above every mask,
+        # which the fused op (per-sample G_l) does not
+        terms, grads = piecewise.layer_terms_and_grad(net, x, loss, reduction)
+    else:
+        terms, grads = piecewise.kernel_layer_terms_and_grad(net, x, loss, reduction, backend=backend)
     by_param = {}
     for layer, (gW, gb) in zip(net.layers, grads):
         by_param[id(layer.weight)] = gW

@@ -693,7 +693,8 @@ class FlatnessRegularizedMLP(_Regularized):
             MSE, by ``N`` for cross-entropy).
         params: what the base optimizer steps (tensors or param groups, which may carry ``lam``);
             default ``model.parameters()``.
-        backend: backend of the trace (``"auto"``; ``"torch"`` is the plain-torch formula).
+        backend: backend of the trace (``"auto"``: the fused op ``flatkern::mlp_hessian_trace``, C++ on
+            CPU, Triton on CUDA; ``"cpp"``/``"triton"``: that kernel or an error; ``"torch"``: plain torch).
         sharded: all-reduce the regularizer under ``torch.distributed`` (see above); ``None``
             means: yes when a process group of size > 1 is initialized.
         process_group: the group to all-reduce over (default: the world).

@@ -44,6 +44,14 @@ API (shapes: ``N`` samples, ``C = d_L`` outputs):
     layer_terms_and_grad(net, a0, loss, reduction) -> ((L,), grads)
         grads[l] = (∂T/∂W_l, ∂T/∂b_l or None), T = Σ_l terms_l, by the hand-derived reverse
         sweep (no autograd graph)
+
+The same formula fused into one op, ``flatkern::mlp_hessian_trace`` (C++ on CPU, Triton on CUDA;
+``flatkern/kernels/schemas.py``), is reached through ``kernel_layer_terms`` /
+``kernel_layer_terms_and_grad``, which route by ``backend=`` (``routing.resolve_mlp``); the functions
+above are that op's plain-torch kernel when the C++ extension is missing, and the ``"torch"`` backend:
+
+    encode(net) -> (weights, biases, slopes, num_acts)   the op's arguments
+    network_of(weights, biases, slopes, num_acts) -> Network   and back (the op's plain-torch kernel)
 """
 
 from __future__ import annotations
@@ -57,7 +65,9 @@ from torch import nn
 
 from ._checks import check_no_shared_memory
 
-__all__ = ["Network", "Layer", "Activation", "walk", "first_input", "forward", "layer_terms", "layer_terms_and_grad", "ROLES"]
+__all__ = ["Network", "Layer", "TensorLayer", "Activation", "walk", "first_input", "forward", "layer_terms",
+           "layer_terms_and_grad", "ROLES", "encode", "network_of", "kernel_layer_terms", "kernel_layer_terms_and_grad",
+           "check_op_args"]
 
 
 # ------------------------------------------------------------------ the table: module type -> role
@@ -122,6 +132,16 @@ class Layer:
     @property
     def bias(self) -> torch.Tensor | None:
         return self.linear.bias
+
+
+@dataclasses.dataclass
+class TensorLayer:
+    """A layer given by its tensors (the op's arguments): what ``Layer`` gives the formula, without a module."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    acts: list[Activation]
+    path: str
 
 
 @dataclasses.dataclass
@@ -302,15 +322,17 @@ class Forward:
     acts: list[torch.Tensor]  # a_0 .. a_{L-1}: (M, d_{l-1}), the inputs of the layers
     masks: list[torch.Tensor | None]  # D_1 .. D_L: (M, d_l), None where no activation follows layer l
     out: torch.Tensor  # (M, C), the network's output
+    pre: list[torch.Tensor] = dataclasses.field(default_factory=list)  # z_1 .. z_L: (M, d_l), the pre-activations
 
 
 def forward(net: Network, a0: torch.Tensor) -> Forward:
     """The layers on ``a0`` (``(M, d_0)``), keeping each layer's input and the mask after it."""
-    acts, masks = [], []
+    acts, masks, pre = [], [], []
     a = a0
     for layer in net.layers:
         acts.append(a)
         z = F.linear(a, layer.weight, layer.bias)
+        pre.append(z)
         m = None
         for act in layer.acts:
             # the mask of each stage at its own input: relu(relu(z)) has the mask of torch's backward
@@ -320,7 +342,7 @@ def forward(net: Network, a0: torch.Tensor) -> Forward:
             z = act(z)
         masks.append(m)
         a = z
-    return Forward(acts, masks, a)
+    return Forward(acts, masks, a, pre)
 
 
 # ------------------------------------------------------------------ the C-column reverse sweep
@@ -439,14 +461,16 @@ def first_input(net: Network, inputs: torch.Tensor, loss: str) -> torch.Tensor:
     return a0.reshape(-1, d0)
 
 
-def layer_terms(net: Network, a0: torch.Tensor, loss: str = "mse", reduction: str = "mean") -> torch.Tensor:
+def layer_terms(net: Network, a0: torch.Tensor, loss: str = "mse", reduction: str = "mean",
+                fwd: Forward | None = None) -> torch.Tensor:
     """Per-layer traces ``s Σ_i ‖G_l^i‖_F² (‖a_{l-1}^i‖² + [bias])``, shape ``(L,)``.
 
     Plain torch, differentiable (to every order; the masks are held fixed, which is exact almost
     everywhere) with respect to every parameter and to ``a0``, the first layer's input ``(M, d_0)``
-    (``first_input``).  Inputs assumed checked (dtype, device, ``M > 0`` for ``"mean"``).
+    (``first_input``).  Inputs assumed checked (dtype, device, ``M > 0`` for ``"mean"``).  ``fwd``:
+    ``forward(net, a0)`` if the caller has it already.
     """
-    fwd = forward(net, a0)
+    fwd = forward(net, a0) if fwd is None else fwd
     M, C = fwd.out.shape
     s = _scale(loss, reduction, M, C)
     hs = _h(net, fwd)
@@ -459,8 +483,11 @@ def layer_terms(net: Network, a0: torch.Tensor, loss: str = "mse", reduction: st
     return torch.stack(terms)
 
 
-def layer_terms_and_grad(net: Network, a0: torch.Tensor, loss: str = "mse", reduction: str = "mean"):
-    """``(layer_terms(net, inputs, ...), grads)``, ``grads[l] = (∂T/∂W_l, ∂T/∂b_l or None)``, ``T = Σ_l terms_l``.
+def layer_terms_and_grad(net: Network, a0: torch.Tensor, loss: str = "mse", reduction: str = "mean",
+                         cotangents=None, x_grad: bool = False):
+    """``(layer_terms(net, inputs, ...), grads)``, ``grads[l] = (∂T/∂W_l, ∂T/∂b_l or None)``, ``T = Σ_l terms_l``
+    (``T = Σ_l g_l terms_l`` with ``cotangents = [g_1, ..., g_L]``: the op's backward); with ``x_grad``,
+    ``(terms, grads, ∂T/∂a0)``.
 
     The hand-derived reverse sweep (docs/MATH.md, "Beyond linear"), masks held fixed, no autograd
     graph: nothing returned requires grad.  With ``T = s Σ_i Σ_l h_l^i ‖G_l^i‖²``:
@@ -475,6 +502,8 @@ def layer_terms_and_grad(net: Network, a0: torch.Tensor, loss: str = "mse", redu
         fwd = forward(net, a0.detach())
         M, C = fwd.out.shape
         s = _scale(loss, reduction, M, C)
+        # c_l = s g_l: each layer's term enters T with its own weight (s alone for the gradient of Σ_l terms_l)
+        c = [s] * L if cotangents is None else [s * float(g) for g in cotangents]
         hs = _h(net, fwd)
         Gs: list = [None] * L
         G, p = _top(fwd, loss)
@@ -493,7 +522,7 @@ def layer_terms_and_grad(net: Network, a0: torch.Tensor, loss: str = "mse", redu
         gb = [None if layer.bias is None else torch.zeros_like(layer.bias) for layer in net.layers]
 
         # (1) the C-column sweep reversed: U_l = Ḡ_l D_l from the layer terms, up the chain
-        U = _direct(Gs[0], hs[0], s, fwd.masks[0]) if L > 1 else None
+        U = _direct(Gs[0], hs[0], c[0], fwd.masks[0]) if L > 1 else None
         for l in range(L - 1):
             above = Gs[l + 1]
             if above[0] in ("eye", "shared") and U[0] == "batch":
@@ -501,30 +530,35 @@ def layer_terms_and_grad(net: Network, a0: torch.Tensor, loss: str = "mse", redu
             gW[l + 1] += _weight_grad(above, U)
             if l + 1 < L - 1:
                 back = U[1] @ net.layers[l + 1].weight.T  # U_l W_{l+1}ᵀ: fresh, so Ḡ_{l+1} accumulates in place
-                U = _direct(above, hs[l + 1], s, fwd.masks[l + 1], into=back)
+                U = _direct(above, hs[l + 1], c[l + 1], fwd.masks[l + 1], into=back)
 
         # (2) cross-entropy: S depends on p, hence on the logits f
         zbar = None
         if loss == "cross_entropy":
-            u = sum(hs[l].unsqueeze(-1) * rows[l] for l in range(L)) * s  # (M, C)
+            u = sum(hs[l].unsqueeze(-1) * rows[l] * c[l] for l in range(L))  # (M, C)
             zbar = u - p * u.sum(-1, keepdim=True)
             if fwd.masks[-1] is not None:
                 zbar = zbar * fwd.masks[-1]
 
-        # (3) ordinary backprop of ∂T/∂f and of the h-terms ∂T/∂a_{l-1} = 2 s ‖G_l‖² a_{l-1}
+        # (3) ordinary backprop of ∂T/∂f and of the h-terms ∂T/∂a_{l-1} = 2 c_l ‖G_l‖² a_{l-1}
+        abar = None
         for l in range(L - 1, -1, -1):
             a = fwd.acts[l]
             if zbar is not None:
                 gW[l] += zbar.T @ a
                 if gb[l] is not None:
                     gb[l] += zbar.sum(0)
-            if l == 0:
+            if l == 0 and not x_grad:
                 break
             Vl = V[l] if V[l].dim() == 0 else V[l].unsqueeze(-1)
-            abar = (2.0 * s) * Vl * a
+            abar = (2.0 * c[l]) * Vl * a
             if zbar is not None:
                 abar = abar + zbar @ net.layers[l].weight
+            if l == 0:
+                break
             zbar = abar if fwd.masks[l - 1] is None else abar * fwd.masks[l - 1]
+    if x_grad:
+        return terms, list(zip(gW, gb)), abar
     return terms, list(zip(gW, gb))
 
 
@@ -533,7 +567,7 @@ def layer_terms_and_grad(net: Network, a0: torch.Tensor, loss: str = "mse", redu
 
 def _direct(G, h: torch.Tensor, s: float, m: torch.Tensor | None, into: torch.Tensor | None = None):
     """``U_l = (Ḡ_l) D_l`` with ``Ḡ_l = 2 s h^i G_l^i (+ into)``: the layer's own term (plus what came
-    down from below, ``into``, which is overwritten)."""
+    down from below, ``into``, which is overwritten); ``s`` is the layer's coefficient ``c_l``."""
     kind, t = G
     if kind == "shared":  # then no mask at this layer: Σ_i of the adjoint is all that is needed
         out = (2.0 * s * h.sum()) * t
@@ -565,3 +599,154 @@ def _weight_grad(G, U) -> torch.Tensor:
     t = _per_sample(G)
     M, C, d_hi = t.shape
     return t.reshape(M * C, d_hi).T @ U[1].reshape(M * C, U[1].shape[-1])  # one GEMM (d_{l+1} × N·C) · (N·C × d_l)
+
+
+# ------------------------------------------------------------------ the fused op (flatkern::mlp_hessian_trace)
+
+
+def encode(net: Network):
+    """``(weights, biases, slopes, num_acts)``: ``net`` as ``flatkern::mlp_hessian_trace``'s arguments
+    (``biases[l]`` an empty ``(0,)`` tensor where layer ``l`` has no bias)."""
+    weights = [layer.weight for layer in net.layers]
+    none = None
+    biases = []
+    for layer in net.layers:
+        if layer.bias is None:
+            if none is None:
+                none = layer.weight.new_empty((0,))
+            biases.append(none)
+        else:
+            biases.append(layer.bias)
+    slopes = [act.slope for layer in net.layers for act in layer.acts]
+    return weights, biases, slopes, [len(layer.acts) for layer in net.layers]
+
+
+def network_of(weights, biases, slopes, num_acts) -> Network:
+    """The ``Network`` that the op's arguments describe (``encode``'s inverse; slope 0 is ``torch.relu``)."""
+    if not (len(weights) == len(biases) == len(num_acts)) or sum(num_acts) != len(slopes):
+        raise ValueError(
+            f"mlp_hessian_trace: {len(weights)} weights, {len(biases)} biases and {len(num_acts)} num_acts must "
+            f"match, and num_acts must sum to the {len(slopes)} slopes (sums to {sum(num_acts)})"
+        )
+    layers, k = [], 0
+    for l, (W, b, n) in enumerate(zip(weights, biases, num_acts)):
+        acts = [Activation(float(sl), float(sl) == 0.0, f"slopes[{k + j}]") for j, sl in enumerate(slopes[k:k + n])]
+        k += n
+        layers.append(TensorLayer(W, None if b.numel() == 0 else b, acts, f"weights[{l}]"))
+    return Network([], layers)
+
+
+def _reduction(mean: bool) -> str:
+    return "mean" if mean else "sum"
+
+
+def _loss_name(code: int) -> str:
+    from .kernels.schemas import MLP_LOSSES
+    return next(name for name, c in MLP_LOSSES.items() if c == code)
+
+
+def kernel_layer_terms(net: Network, a0: torch.Tensor, loss: str, reduction: str, backend: str = "auto",
+                       sum_layers: bool = False) -> torch.Tensor:
+    """``layer_terms(net, a0, loss, reduction)`` (``(L,)``, or their sum with ``sum_layers``) through the
+    kernel ``backend`` picks (``routing.resolve_mlp``): the fused op, or this module's plain torch.
+    Differentiable once (the op) or to every order (plain torch) in every parameter and ``a0``."""
+    from .kernels import routing, schemas
+
+    weights, biases, slopes, num_acts = encode(net)
+    route = routing.resolve_mlp(backend, a0, weights)
+    if route == "ref":
+        terms = layer_terms(net, a0, loss, reduction)
+        return terms.sum() if sum_layers else terms
+    args = (a0, weights, biases, slopes, num_acts, schemas.MLP_LOSSES[loss], reduction == "mean", sum_layers)
+    if route == "interpret":  # Triton on CPU tensors: the launchers through the autograd twin
+        from .kernels import autograd
+        from .kernels.triton import mlp_hessian_trace as launchers
+        return autograd.mlp_apply(launchers.mlp_hessian_trace_triton, launchers.mlp_hessian_trace_backward_triton,
+                                  "triton", *args)[0]
+    return schemas.mlp_hessian_trace(*args)[0]
+
+
+def kernel_layer_terms_and_grad(net: Network, a0: torch.Tensor, loss: str, reduction: str, backend: str = "auto"):
+    """``(terms (L,), grads)`` as ``layer_terms_and_grad`` gives them, through the kernel ``backend`` picks;
+    no autograd graph on any route."""
+    from .kernels import routing, schemas
+
+    weights, biases, slopes, num_acts = encode(net)
+    route = routing.resolve_mlp(backend, a0, weights)
+    if route == "ref":
+        return layer_terms_and_grad(net, a0, loss, reduction)
+    args = (a0.detach(), [w.detach() for w in weights], [b.detach() for b in biases], slopes, num_acts,
+            schemas.MLP_LOSSES[loss], reduction == "mean", False)
+    if route == "interpret":
+        from .kernels.triton import mlp_hessian_trace as launchers
+        terms, grads = launchers.mlp_hessian_trace_and_grad_triton(*args)
+    else:
+        terms, grads = schemas.mlp_hessian_trace_and_grad(*args)
+    L = len(weights)
+    gW, gb = grads[:L], grads[L:]
+    return terms, [(w, None if layer.bias is None else b) for w, b, layer in zip(gW, gb, net.layers)]
+
+
+# ------------------------------------------------------------------ the op's plain-torch kernels (no C++ extension)
+
+
+def check_op_args(x, weights, biases, slopes, num_acts, loss, mean) -> None:
+    """The op's argument rules (the C++ kernel checks the same in C++): a ``ValueError`` naming what is wrong."""
+    L = len(weights)
+    if not (L >= 1 and len(biases) == L and len(num_acts) == L and sum(num_acts) == len(slopes)):
+        raise ValueError(f"mlp_hessian_trace: {L} weights, {len(biases)} biases and {len(num_acts)} num_acts must "
+                         f"match (L >= 1), and num_acts must sum to the {len(slopes)} slopes")
+    if not x.is_floating_point() or x.dim() != 2 or x.shape[1] != weights[0].shape[-1]:
+        raise ValueError(f"mlp_hessian_trace: x is {x.dtype} of shape {tuple(x.shape)}, need a floating "
+                         f"(M, {weights[0].shape[-1]})")
+    for l in range(L):
+        W, b = weights[l], biases[l]
+        if W.dim() != 2 or (l and W.shape[1] != weights[l - 1].shape[0]):
+            raise ValueError(f"mlp_hessian_trace: weights[{l}] has shape {tuple(W.shape)} but its input has "
+                             f"{weights[l - 1].shape[0] if l else x.shape[1]} features")
+        if W.dtype != x.dtype or W.device != x.device or (b.numel() and (b.dtype != x.dtype or b.device != x.device)):
+            raise ValueError(f"mlp_hessian_trace: weights[{l}] / biases[{l}] are not {x.dtype} on {x.device}, as x is")
+        if b.numel() and tuple(b.shape) != (W.shape[0],):
+            raise ValueError(f"mlp_hessian_trace: biases[{l}] has shape {tuple(b.shape)}, need ({W.shape[0]},) or (0,)")
+    if not all(math.isfinite(s) for s in slopes):
+        raise ValueError(f"mlp_hessian_trace: slopes {list(slopes)} must be finite")
+    if loss not in (0, 1):
+        raise ValueError(f"mlp_hessian_trace: loss must be 0 (mse) or 1 (cross_entropy), got {loss}")
+    if mean and x.shape[0] == 0:
+        raise ValueError(f"mlp_hessian_trace: x has no samples (shape {tuple(x.shape)}): the mean over no samples "
+                         "is undefined")
+
+
+def mlp_hessian_trace_torch(x, weights, biases, slopes, num_acts, loss=0, mean=True, sum_layers=False):
+    """``flatkern::mlp_hessian_trace`` in plain torch: ``(terms, [z_1 .. z_L])``."""
+    check_op_args(x, weights, biases, slopes, num_acts, loss, mean)
+    net = network_of(weights, biases, slopes, num_acts)
+    fwd = forward(net, x)
+    terms = layer_terms(net, x, _loss_name(loss), _reduction(mean), fwd=fwd)
+    return (terms.sum() if sum_layers else terms), [z.clone() for z in fwd.pre]
+
+
+def _grads_list(x, net, grads, gx=None):
+    """``[∂/∂x (if given), ∂/∂W_1 .., ∂/∂b_1 ..]`` in the op's layout (a ``(0,)`` tensor for a missing bias)."""
+    gW = [g for g, _ in grads]
+    gb = [x.new_empty((0,)) if g is None else g for _, g in grads]
+    return ([] if gx is None else [gx]) + gW + gb
+
+
+def mlp_hessian_trace_backward_torch(x, weights, biases, slopes, num_acts, loss, mean, sum_layers, saved, grad_terms):
+    """``flatkern::mlp_hessian_trace_backward`` in plain torch (the forward re-run: ``saved`` is not read)."""
+    check_op_args(x, weights, biases, slopes, num_acts, loss, mean)
+    net = network_of(weights, biases, slopes, num_acts)
+    g = grad_terms.detach()
+    cot = [g.item()] * len(weights) if sum_layers else g.tolist()
+    _, grads, gx = layer_terms_and_grad(net, x.detach(), _loss_name(loss), _reduction(mean), cotangents=cot,
+                                        x_grad=True)
+    return _grads_list(x, net, grads, gx)
+
+
+def mlp_hessian_trace_and_grad_torch(x, weights, biases, slopes, num_acts, loss=0, mean=True, sum_layers=False):
+    """``flatkern::mlp_hessian_trace_and_grad`` in plain torch."""
+    check_op_args(x, weights, biases, slopes, num_acts, loss, mean)
+    net = network_of(weights, biases, slopes, num_acts)
+    terms, grads = layer_terms_and_grad(net, x.detach(), _loss_name(loss), _reduction(mean))
+    return (terms.sum() if sum_layers else terms), _grads_list(x, net, grads)

@@ -12,6 +12,10 @@ ratio):
     flatkern value            hessian_trace_of(model, x, loss="cross_entropy") under no_grad
     flatkern value+autograd   the same with a graph, then .backward() (what loss + lam * trace costs)
     flatkern value-and-grad   hessian_trace_and_grad_of: the hand-derived reverse sweep, no graph
+                              (these three: backend="auto", the fused op flatkern::mlp_hessian_trace)
+    plain-torch value, plain-torch value+autograd, plain-torch value-and-grad
+                              the same with backend="torch" (flatkern.piecewise, what "auto" ran before
+                              the fused kernels): the before/after of issue 19 item 2 in one run
     floor: value GEMMs        the bare products the value must do: the forward (N × d_{l-1})·(d_{l-1} × d_l)
                               and the C-column sweep (N·C × d_{l+1})·(d_{l+1} × d_l), nothing else
     floor: value+grad GEMMs   those, the sweep's two more per layer (Gᵀ U, U Wᵀ) and the forward's backward
@@ -77,20 +81,20 @@ def make_case(widths, batch: int, *, seed: int = 0):
 # ------------------------------------------------------------------ flatkern
 
 
-def flatkern_value(model, x):
+def flatkern_value(model, x, backend: str = "auto"):
     with torch.no_grad():
-        return hessian_trace_of(model, x, loss="cross_entropy")
+        return hessian_trace_of(model, x, loss="cross_entropy", backend=backend)
 
 
-def flatkern_value_autograd(model, x):
+def flatkern_value_autograd(model, x, backend: str = "auto"):
     params = list(model.parameters())
-    t = hessian_trace_of(model, x, loss="cross_entropy")
+    t = hessian_trace_of(model, x, loss="cross_entropy", backend=backend)
     torch.autograd.grad(t, params)
     return t.detach()
 
 
-def flatkern_value_and_grad(model, x):
-    return hessian_trace_and_grad_of(model, x, loss="cross_entropy")[0]
+def flatkern_value_and_grad(model, x, backend: str = "auto"):
+    return hessian_trace_and_grad_of(model, x, loss="cross_entropy", backend=backend)[0]
 
 
 # ------------------------------------------------------------------ the floors: bare GEMMs
@@ -225,6 +229,10 @@ def providers(model, x, y, *, hutch: bool = True):
         "flatkern value": lambda: flatkern_value(model, x),
         "flatkern value+autograd": lambda: flatkern_value_autograd(model, x),
         "flatkern value-and-grad": lambda: flatkern_value_and_grad(model, x),
+        # the plain-torch formula (backend="torch"): what "auto" ran before the fused op (issue 19 item 2)
+        "plain-torch value": lambda: flatkern_value(model, x, "torch"),
+        "plain-torch value+autograd": lambda: flatkern_value_autograd(model, x, "torch"),
+        "plain-torch value-and-grad": lambda: flatkern_value_and_grad(model, x, "torch"),
         "floor: value GEMMs": lambda: value_gemms(Ws, acts, G),
         "floor: value+grad GEMMs": lambda: value_and_grad_gemms(Ws, acts, G, zbar),
     }
@@ -253,7 +261,10 @@ def run_case(widths, batch: int, *, rounds: int = 3, hutch: bool = True) -> dict
     exact = flatkern_value(model, x).item()
     values = {"flatkern value": exact}
     # every exact method must give the same number before anything is timed
-    checks = {"flatkern value+autograd": flatkern_value_autograd, "flatkern value-and-grad": flatkern_value_and_grad}
+    checks = {"flatkern value+autograd": flatkern_value_autograd, "flatkern value-and-grad": flatkern_value_and_grad,
+              "plain-torch value": lambda m, x: flatkern_value(m, x, "torch"),
+              "plain-torch value+autograd": lambda m, x: flatkern_value_autograd(m, x, "torch"),
+              "plain-torch value-and-grad": lambda m, x: flatkern_value_and_grad(m, x, "torch")}
     for name, fn in checks.items():
         values[name] = fn(model, x).item()
     if "torch.func vmap(jacrev)" in fns:
@@ -281,6 +292,9 @@ def run_case(widths, batch: int, *, rounds: int = 3, hutch: bool = True) -> dict
             "BackPACK / value (>= 2)": rows["BackPACK DiagGGNExact"]["ratio_to_value"] if "BackPACK DiagGGNExact" in rows else None,
             "value / value floor (<= 1.2)": 1.0 / rows["floor: value GEMMs"]["ratio_to_value"],
             "value-and-grad / value (<= 3)": rows["flatkern value-and-grad"]["ratio_to_value"],
+            "plain torch: value-and-grad / value": (rows["plain-torch value-and-grad"]["ratio_to_value"]
+                                                    / rows["plain-torch value"]["ratio_to_value"]),
+            "plain-torch value / fused value": rows["plain-torch value"]["ratio_to_value"],
         },
     }
 

@@ -161,9 +161,9 @@ def relu_backend(backend: str) -> str:
     """The backend this experiment's traces use: ``backend`` if it is ``"auto"`` or ``"torch"``, else ``"auto"``.
 
     ``flatkern reproduce --backend cpp|triton`` names the kernels of the deep linear experiments.
-    ``hessian_trace_of`` has no such kernel for a network with ReLU activations (naming one raises;
-    only the plain-torch formula exists), so here they mean ``"auto"``, the best backend these networks
-    have, rather than stopping the whole run: the records of every backend agree (``results.json``).
+    Here they mean ``"auto"`` (the device's fused ReLU-network kernel, ``flatkern::mlp_hessian_trace``),
+    rather than stopping the whole run where the named kernel cannot run (Triton on a machine without
+    CUDA): the records of every backend agree to float rounding (``results.json``).
     """
     return backend if backend in ("auto", "torch") else "auto"
 

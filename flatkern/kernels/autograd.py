@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["double_backward_error", "apply", "register"]
+__all__ = ["double_backward_error", "apply", "register", "mlp_apply"]
 
 
 def double_backward_error(backend: str) -> str:
@@ -89,6 +89,44 @@ def apply(forward, backward, backend: str, weights, family: int, operands, with_
     return terms, E, saved
 
 
+class _MlpTraceFunction(torch.autograd.Function):
+    """The twin of ``csrc/ops/autograd/mlp_hessian_trace.cpp`` (``flatkern::mlp_hessian_trace``)."""
+
+    @staticmethod
+    def forward(ctx, kernels, slopes, num_acts, loss, mean, sum_layers, L, x, *tensors):
+        forward, backward, backend = kernels
+        weights, biases = list(tensors[:L]), list(tensors[L:])
+        terms, saved = forward(x, weights, biases, slopes, num_acts, loss, mean, sum_layers)
+        saved = list(saved)
+        ctx.args = (backward, backend, slopes, num_acts, loss, mean, sum_layers, L)
+        ctx.save_for_backward(x, *weights, *biases, *saved)
+        ctx.mark_non_differentiable(*saved)
+        return (terms, *saved)
+
+    @staticmethod
+    def backward(ctx, grad_terms, *unused):
+        backward, backend, slopes, num_acts, loss, mean, sum_layers, L = ctx.args
+        x, *rest = ctx.saved_tensors
+        weights, biases, saved = rest[:L], rest[L:2 * L], rest[2 * L:]
+        with torch.no_grad():
+            grads = list(backward(x, weights, biases, slopes, num_acts, loss, mean, sum_layers, saved,
+                                  grad_terms.contiguous()))
+        if torch.is_grad_enabled():  # create_graph=True: first derivatives, and a clear error after
+            grads = list(_NoDoubleBackward.apply(backend, 1 + 2 * L, x, *weights, *biases, *grads))
+        # no bias: the (0,) placeholder gets no gradient
+        grads = [None if i > L and b.numel() == 0 else g for i, (g, b) in enumerate(zip(grads, [x, *weights, *biases]))]
+        return (None,) * 7 + tuple(grads)
+
+
+def mlp_apply(forward, backward, backend: str, x, weights, biases, slopes, num_acts, loss: int = 0, mean: bool = True,
+              sum_layers: bool = False):
+    """``(terms, saved)`` from ``forward``, differentiable once through ``backward`` (the signatures of
+    ``flatkern::mlp_hessian_trace`` and ``flatkern::mlp_hessian_trace_backward``)."""
+    terms, *saved = _MlpTraceFunction.apply((forward, backward, backend), list(slopes), list(num_acts), loss, mean,
+                                            sum_layers, len(weights), x, *weights, *biases)
+    return terms, saved
+
+
 def register(lib: torch.library.Library) -> None:
     """Register the twin as the Autograd kernels of the ops in ``lib`` (the extension is missing)."""
     from . import schemas
@@ -111,3 +149,19 @@ def register(lib: torch.library.Library) -> None:
 
     lib.impl("hessian_trace", hessian_trace_autograd, "Autograd")
     lib.impl("hessian_trace_and_grad", hessian_trace_and_grad_autograd, "Autograd")
+
+    # flatkern::mlp_hessian_trace (issue 19): the same contract
+    def mlp_forward_below(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return schemas.mlp_hessian_trace(*args)
+
+    def mlp_hessian_trace_autograd(x, weights, biases, slopes, num_acts, loss=0, mean=True, sum_layers=False):
+        return mlp_apply(mlp_forward_below, schemas.mlp_hessian_trace_backward, "cpp", x, list(weights),
+                         list(biases), slopes, num_acts, loss, mean, sum_layers)
+
+    def mlp_hessian_trace_and_grad_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return schemas.mlp_hessian_trace_and_grad(*args)
+
+    lib.impl("mlp_hessian_trace", mlp_hessian_trace_autograd, "Autograd")
+    lib.impl("mlp_hessian_trace_and_grad", mlp_hessian_trace_and_grad_autograd, "Autograd")

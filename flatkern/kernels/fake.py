@@ -37,6 +37,34 @@ def _hessian_trace_and_grad_fake(weights, family, operands, scale=1.0, sum_layer
     return terms, [torch.empty_like(w) for w in weights]
 
 
+# ---------------------------------------------- mlp_hessian_trace (issue 19): saved = [z_1 .. z_L] on every kernel
+
+
+def _mlp_terms_fake(x, weights, sum_layers):
+    return x.new_empty(() if sum_layers else (len(weights),))
+
+
+def _mlp_grads_fake(x, weights, biases, with_x=True):
+    return [torch.empty_like(x)] * with_x + [torch.empty_like(w) for w in weights] + [torch.empty_like(b) for b in biases]
+
+
+@torch.library.register_fake("flatkern::mlp_hessian_trace")
+def _mlp_hessian_trace_fake(x, weights, biases, slopes, num_acts, loss=0, mean=True, sum_layers=False):
+    # the mlp records' saved_specs read the weights and, as their one operand, x
+    specs = routing.mlp_op_kernel(x.device).saved_specs(weights, None, (x,))
+    return _mlp_terms_fake(x, weights, sum_layers), [x.new_empty(shape, dtype=dtype) for shape, dtype in specs]
+
+
+@torch.library.register_fake("flatkern::mlp_hessian_trace_backward")
+def _mlp_hessian_trace_backward_fake(x, weights, biases, slopes, num_acts, loss, mean, sum_layers, saved, grad_terms):
+    return _mlp_grads_fake(x, weights, biases)
+
+
+@torch.library.register_fake("flatkern::mlp_hessian_trace_and_grad")
+def _mlp_hessian_trace_and_grad_fake(x, weights, biases, slopes, num_acts, loss=0, mean=True, sum_layers=False):
+    return _mlp_terms_fake(x, weights, sum_layers), _mlp_grads_fake(x, weights, biases, with_x=False)
+
+
 @torch.library.register_fake("flatkern::end_to_end")
 def _end_to_end_fake(weights):
     return weights[0].new_empty((*weights[0].shape[:-2], weights[-1].shape[-2], weights[0].shape[-1]))

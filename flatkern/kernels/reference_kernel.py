@@ -54,3 +54,9 @@ def register(lib: torch.library.Library) -> None:
     lib.impl("hessian_trace", hessian_trace_ref_kernel, "CPU")
     lib.impl("hessian_trace_backward", hessian_trace_backward_ref_kernel, "CPU")
     lib.impl("hessian_trace_and_grad", hessian_trace_and_grad_ref_kernel, "CPU")
+    # flatkern::mlp_hessian_trace (issue 19): its formula's plain-torch form is flatkern/piecewise.py (one place)
+    from .. import piecewise
+
+    lib.impl("mlp_hessian_trace", piecewise.mlp_hessian_trace_torch, "CPU")
+    lib.impl("mlp_hessian_trace_backward", piecewise.mlp_hessian_trace_backward_torch, "CPU")
+    lib.impl("mlp_hessian_trace_and_grad", piecewise.mlp_hessian_trace_and_grad_torch, "CPU")

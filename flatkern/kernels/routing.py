@@ -36,7 +36,8 @@ import torch.autograd.forward_ad as _forward_ad
 from . import BACKENDS, families
 
 __all__ = ["BACKENDS", "Kernel", "KERNELS", "CPP", "TRITON", "TORCH_OP", "REFERENCE", "resolve", "unavailable",
-           "available_backends", "op_kernel", "reset"]
+           "available_backends", "op_kernel", "reset", "MLP_CPP", "MLP_TRITON", "MLP_TORCH_OP", "MLP_KERNELS",
+           "mlp_op_kernel", "resolve_mlp"]
 
 #: the C++ kernels index with 32-bit BLAS dimensions; every kernel takes widths in [1, MAX_WIDTH)
 MAX_WIDTH = 1 << 20
@@ -271,6 +272,107 @@ def resolve(backend: str, weights, family: int, *, transforms: bool = True) -> s
         return route
     reason = kernel.refuses_shape(weights)
     if reason is None and transforms and not compiling:
+        reason = transform_active()
+    if reason is None:
+        return route
+    if backend == "auto":
+        return "ref"
+    _refuse(backend, reason)
+
+
+# ------------------------------------------------------------------ flatkern::mlp_hessian_trace (issue 19)
+#
+# The op of networks piecewise linear in each weight has its own records, in the same shape: each
+# kernel states what it takes, and ``resolve_mlp`` (the twin of ``resolve`` for that op) reads them.
+# ``families`` is empty (the op takes no measurement family); ``saved_specs(weights, None, (x,))``
+# gives ``[z_1 .. z_L]``, ``(M, d_l)`` each: every kernel of this op saves the pre-activations.
+
+
+def _mlp_saved_specs(weights, family, operands):
+    x = operands[0]
+    return [((int(x.shape[0]), int(w.shape[-2])), x.dtype) for w in weights]
+
+
+def _mlp_triton_unavailable(device: torch.device) -> str | None:
+    if device.type == "cpu" and not interpreting():
+        return "Triton kernels need CUDA tensors (on CPU they run only in the interpreter, with TRITON_INTERPRET=1)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels run on CUDA tensors, got tensors on {device}"
+    try:
+        from .triton import mlp_hessian_trace  # noqa: F401  (imports triton)
+    except ImportError as exc:
+        return f"the Triton backend cannot be imported ({exc})"
+    return None
+
+
+_NO_FAMILIES: frozenset = frozenset()
+
+#: the C++ CPU kernels of the mlp op (``csrc/ops/cpu/mlp_hessian_trace_kernel.cpp``)
+MLP_CPP = Kernel("cpp", ("cpu",), _FLOATS, _NO_FAMILIES, derivatives=1, forward_mode=False, empty_batch=True,
+                 max_width=MAX_WIDTH, _unavailable=_cpp_unavailable, _saved_specs=_mlp_saved_specs)
+#: the Triton kernels of the mlp op (``flatkern/kernels/triton/mlp_hessian_trace.py``): fp32 / fp64, the GEMMs
+#: in fp32 ("ieee", no TF32) or fp64
+MLP_TRITON = Kernel("triton", ("cuda",), _FLOATS, _NO_FAMILIES, derivatives=1, forward_mode=False, empty_batch=True,
+                    max_width=MAX_WIDTH, _unavailable=_mlp_triton_unavailable, _saved_specs=_mlp_saved_specs)
+#: the plain-torch formula (``flatkern.piecewise``) as the mlp op's CPU kernel, when the C++ extension is missing
+MLP_TORCH_OP = Kernel("torch", ("cpu",), _FLOATS, _NO_FAMILIES, derivatives=1, forward_mode=False, empty_batch=True,
+                      max_width=MAX_WIDTH, _unavailable=_torch_op_unavailable, _saved_specs=_mlp_saved_specs)
+
+MLP_KERNELS = {"cpp": MLP_CPP, "triton": MLP_TRITON}
+_MLP_AUTO = {"cpu": (MLP_CPP, MLP_TORCH_OP), "cuda": (MLP_TRITON,)}
+
+
+def mlp_op_kernel(device) -> Kernel:
+    """The record of the mlp op's kernel that the dispatcher runs for ``device`` (what its fake kernel sizes)."""
+    device = torch.device(device)
+    for kernel in _MLP_AUTO.get(device.type, ()):
+        if kernel.unavailable(device) is None or kernel is MLP_TRITON:
+            return kernel
+    return MLP_TORCH_OP
+
+
+def _resolve_mlp_static(backend: str, device: torch.device, dtype: torch.dtype):
+    if backend == "torch":
+        return "ref", REFERENCE
+    if backend == "auto":
+        candidates = _MLP_AUTO.get(device.type, ())
+        for i, kernel in enumerate(candidates):
+            reason = kernel.unavailable(device)
+            if reason is None:
+                return ("op", kernel) if dtype in kernel.dtypes else ("ref", REFERENCE)
+            if i == 0:
+                _warn_fallback(device.type, reason)
+        if not candidates:
+            _warn_fallback(device.type, f"no compiled kernel for {device.type}")
+        return "ref", REFERENCE
+    check_backend(backend)
+    kernel = MLP_KERNELS[backend]
+    reason = kernel.unavailable(device)
+    if reason is None and dtype not in kernel.dtypes:
+        reason = f"its kernel does not take {dtype} (takes {', '.join(str(d) for d in kernel.dtypes)})"
+    if reason is not None:
+        _refuse(backend, reason)
+    return ("interpret" if kernel is MLP_TRITON and device.type == "cpu" else "op"), kernel
+
+
+def resolve_mlp(backend: str, x: torch.Tensor, weights) -> str:
+    """``"op"``, ``"interpret"`` or ``"ref"`` for ``flatkern::mlp_hessian_trace`` on these (validated)
+    inputs ``x`` ``(M, d_0)`` and weights: ``resolve``'s rules with the mlp records (the static part
+    cached; widths, an empty batch and active transforms checked on every call)."""
+    compiling = torch.compiler.is_compiling()
+    key = ("mlp", backend, x.device.type, x.dtype)
+    static = None if compiling else _static.get(key)
+    if static is None:
+        static = _resolve_mlp_static(backend, x.device, x.dtype)
+        if not compiling:
+            _static[key] = static
+    route, kernel = static
+    if route == "ref":
+        return route
+    reason = kernel.refuses_shape(weights)
+    if reason is None and not kernel.empty_batch and x.shape[0] == 0:
+        reason = f"its kernel does not take an empty batch (x of shape {tuple(x.shape)})"
+    if reason is None and not compiling:
         reason = transform_active()
     if reason is None:
         return route

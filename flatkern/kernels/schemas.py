@@ -11,6 +11,10 @@ is the same either way.  ``docs/ARCHITECTURE.md`` draws the whole picture.
     flatkern::hessian_trace_backward(weights, family, operands, saved, grad_terms, grad_E, scale, sum_layers)
         -> grads
     flatkern::hessian_trace_and_grad(weights, family, operands, scale, sum_layers) -> (terms, grads)
+    flatkern::mlp_hessian_trace(x, weights, biases, slopes, num_acts, loss, mean, sum_layers) -> (terms, saved)
+    flatkern::mlp_hessian_trace_backward(..., saved, grad_terms) -> grads
+    flatkern::mlp_hessian_trace_and_grad(x, weights, biases, slopes, num_acts, loss, mean, sum_layers)
+        -> (terms, grads)                 (ReLU / LeakyReLU networks, issue 19: see below)
 
 ``weights`` are ``[W_1, ..., W_L]``, ``W_j`` of shape ``(..., d_j, d_{j-1})``;
 ``(family, operands)`` is a measurement object's encoding
@@ -43,7 +47,8 @@ import os
 
 import torch
 
-__all__ = ["CPP_ERROR", "end_to_end", "hessian_trace", "hessian_trace_backward", "hessian_trace_and_grad"]
+__all__ = ["CPP_ERROR", "end_to_end", "hessian_trace", "hessian_trace_backward", "hessian_trace_and_grad",
+           "mlp_hessian_trace", "mlp_hessian_trace_backward", "mlp_hessian_trace_and_grad", "MLP_LOSSES"]
 
 _lib = torch.library.Library("flatkern", "DEF")
 _lib.define("end_to_end(Tensor[] weights) -> Tensor")
@@ -54,10 +59,29 @@ _lib.define("hessian_trace_backward(Tensor[] weights, int family, Tensor[] opera
 _lib.define("hessian_trace_and_grad(Tensor[] weights, int family, Tensor[] operands, float scale=1., "
             "bool sum_layers=False) -> (Tensor, Tensor[])")
 
+# networks piecewise linear in each weight (Linear + ReLU / LeakyReLU; issue 19, docs/MATH.md "Beyond
+# linear"): x (M, d_0); weights [W_1 .. W_L], W_l (d_l, d_{l-1}); biases [b_1 .. b_L], b_l (d_l,) or an
+# empty (0,) tensor for none; the activations after layer l are slopes[Σ_{k<l} num_acts[k] :][: num_acts[l]]
+# (0 for ReLU, negative_slope for LeakyReLU), applied in order; loss: MLP_LOSSES; mean: reduction="mean".
+# terms: (L,) per layer, () with sum_layers; saved = [z_1 .. z_L] ((M, d_l), the pre-activations) on
+# every kernel; the backward's grads = [∂/∂x, ∂/∂W_1 .. ∂/∂W_L, ∂/∂b_1 .. ∂/∂b_L] (a (0,) tensor for a
+# missing bias); and_grad's the same without ∂/∂x (its callers train the weights: no x product).
+_MLP_ARGS = "Tensor x, Tensor[] weights, Tensor[] biases, float[] slopes, int[] num_acts, int loss=0, bool mean=True, " \
+    "bool sum_layers=False"
+_lib.define(f"mlp_hessian_trace({_MLP_ARGS}) -> (Tensor, Tensor[])")
+_lib.define("mlp_hessian_trace_backward(Tensor x, Tensor[] weights, Tensor[] biases, float[] slopes, int[] num_acts, "
+            "int loss, bool mean, bool sum_layers, Tensor[] saved, Tensor grad_terms) -> Tensor[]")
+_lib.define(f"mlp_hessian_trace_and_grad({_MLP_ARGS}) -> (Tensor, Tensor[])")
+#: the codes of mlp_hessian_trace's ``loss`` argument
+MLP_LOSSES = {"mse": 0, "cross_entropy": 1}
+
 end_to_end = torch.ops.flatkern.end_to_end.default
 hessian_trace = torch.ops.flatkern.hessian_trace.default
 hessian_trace_backward = torch.ops.flatkern.hessian_trace_backward.default
 hessian_trace_and_grad = torch.ops.flatkern.hessian_trace_and_grad.default
+mlp_hessian_trace = torch.ops.flatkern.mlp_hessian_trace.default
+mlp_hessian_trace_backward = torch.ops.flatkern.mlp_hessian_trace_backward.default
+mlp_hessian_trace_and_grad = torch.ops.flatkern.mlp_hessian_trace_and_grad.default
 
 try:
     # registers the C++ CPU and Autograd kernels ("No module named flatkern._C" when it was not built)
@@ -102,10 +126,11 @@ def _tag_compile_cache() -> None:
 _tag_compile_cache()
 
 
-def _triton_entry(name: str):
-    """The CUDA kernel ``name`` of ``flatkern/kernels/triton``, imported on its first call."""
+def _triton_entry(name: str, module: str = "hessian_trace"):
+    """The CUDA kernel ``name`` of ``flatkern/kernels/triton/<module>.py``, imported on its first call."""
     def kernel(*args):
-        from .triton import hessian_trace as launchers  # imports triton: only when a CUDA tensor gets here
+        # imports triton: only when a CUDA tensor gets here
+        launchers = importlib.import_module(f"{__package__}.triton.{module}")
         return getattr(launchers, name)(*args)
     kernel.__name__ = name
     return kernel
@@ -114,6 +139,8 @@ def _triton_entry(name: str):
 _lib.impl("hessian_trace", _triton_entry("hessian_trace_triton"), "CUDA")
 _lib.impl("hessian_trace_backward", _triton_entry("hessian_trace_backward_triton"), "CUDA")
 _lib.impl("hessian_trace_and_grad", _triton_entry("hessian_trace_and_grad_triton"), "CUDA")
+for _name in ("mlp_hessian_trace", "mlp_hessian_trace_backward", "mlp_hessian_trace_and_grad"):
+    _lib.impl(_name, _triton_entry(f"{_name}_triton", "mlp_hessian_trace"), "CUDA")
 
 from . import fake  # noqa: E402,F401  (registers the fake kernels and end_to_end's autograd)
 

@@ -229,6 +229,7 @@ class TraceProblem:
         self.scale = _checked_scale(weights, self.measurements, self.reduction)
         self._key = self._signature(weights)
         self._ids = [id(w) for w in weights]
+        self._shapes = [w.shape for w in weights]
         # the route's static part (device, dtype, family) is fixed with the key; shapes are in the key
         self.route = routing.resolve(self.backend, weights, self.measurements.family)
         self._operands = list(self.measurements.operands)  # derived once by the measurements themselves
@@ -270,13 +271,17 @@ class TraceProblem:
         Returns:
             The trace, shape ``(...)`` (``(..., L)`` with ``per_layer``).
         """
-        route = self._route(weights)
         call = schemas.call_hessian_trace_and_grad_into
-        if route == "op" and call is not None and not torch.compiler.is_compiling():
-            # the op, and the add into `into` in the same C++ call (no gradients handed back to Python;
-            # the call makes non-contiguous weights contiguous itself)
+        if (call is not None and self.route == "op" and type(weights) is list
+                and [id(w) for w in weights] == self._ids and [w.shape for w in weights] == self._shapes
+                and not torch.compiler.is_compiling()):
+            # every optimizer step: the validated tensors themselves (not a torch.func wrapper or a dual),
+            # of the validated shapes (the scale's d_L), on the op's route; the op and the add into `into`
+            # in one C++ call, which goes through the dispatcher whenever a transform, mode, other
+            # device or dtype needs it (and makes non-contiguous weights contiguous itself)
             return call(weights, self.measurements.family, self._operands, self.scale, not self.per_layer, into,
                         alpha)[0]
+        route = self._route(weights)
         trace, grads = _trace_and_grad(weights, self.measurements, route, self.scale, not self.per_layer)
         if len(into) != len(grads):
             raise RuntimeError(f"flatkern: into has {len(into)} tensors but weights has {len(grads)} layers")

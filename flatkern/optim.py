@@ -56,6 +56,10 @@ _GLOBAL_HOOKS = [getattr(_torch_optimizer, f"_global_optimizer_{when}_hooks", No
 _GLOBAL_HOOKS_KNOWN = all(isinstance(h, dict) for h in _GLOBAL_HOOKS)
 
 
+#: whether this torch build has torch.distributed (fixed for the process; asked on every step otherwise)
+_DIST_AVAILABLE = dist.is_available()
+
+
 def _global_step_hooks() -> bool:
     """Whether a global optimizer step hook may be registered."""
     return not _GLOBAL_HOOKS_KNOWN or any(_GLOBAL_HOOKS)
@@ -309,7 +313,7 @@ class _Regularized(torch.optim.Optimizer):
     def _use_all_reduce(self) -> bool:
         if self.sharded is False:
             return False
-        if not (dist.is_available() and dist.is_initialized()):
+        if not (_DIST_AVAILABLE and dist.is_initialized()):
             if self.sharded:
                 raise RuntimeError(f"{type(self).__name__}(sharded=True) needs an initialized torch.distributed "
                                    "process group")
@@ -524,16 +528,6 @@ class FlatnessRegularized(_Regularized):
                                                    backend=self.backend)
         return problem
 
-    def _plain_grads(self) -> list[torch.Tensor] | None:
-        """Every weight's ``.grad`` when each exists and does not require grad (else ``None``)."""
-        grads = []
-        for w in self._weights:
-            g = w.grad
-            if g is None or g.requires_grad:
-                return None
-            grads.append(g)
-        return grads
-
     def _add_regularizer(self, lam: float | None, lams: list[float]) -> torch.Tensor | None:
         """Add ``lam_j ∂ tr/∂W_j`` to each ``W_j.grad``; the trace (``None`` when every ``lam`` is 0).
 
@@ -542,7 +536,13 @@ class FlatnessRegularized(_Regularized):
         if lam == 0.0:
             return None
         if lam is not None and self.problem_lam is None:
-            into = self._plain_grads()
+            into = []
+            for w in self._weights:  # every .grad, each a plain tensor (not one that records a graph)
+                g = w.grad
+                if g is None or g.requires_grad:
+                    into = None
+                    break
+                into.append(g)
             if into is not None and not self._use_all_reduce():
                 # the usual step: W_j.grad += lam ∂ tr/∂W_j inside the kernel's own call
                 return self._current_problem().accumulate(self._weights, into, lam)

@@ -288,7 +288,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "bench_cpu_kernels.py": ("cpu_kernels", ["--quick", "--rounds", "--threads", "--only"]),
     "bench_training.py": ("training", ["--quick", "--rounds", "--threads", "--only"]),
-    "gpu_check.py": ("gpu_check", ["--device", "--tiny", "--budget", "--out"]),
+    "gpu_check.py": ("gpu_check", ["--device", "--tiny", "--budget", "--sections", "--out"]),
 }
 
 
@@ -343,6 +343,22 @@ def test_gpu_check_parses_nothing_at_import_and_says_why_it_cannot_run(monkeypat
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device here"):
             gpu_check.main([])
+
+
+def test_gpu_check_sections_are_checked_and_each_has_a_correctness_and_a_speed_step(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    gpu_check = importlib.import_module("flatkern.benchmarks.gpu_check")
+    assert gpu_check._parse([]).sections == list(gpu_check.SECTIONS)
+    assert gpu_check._parse(["--sections", "per-problem, mlp"]).sections == ["per-problem", "mlp"]
+    for bad in ("mlp,relu", "", ","):
+        with pytest.raises(SystemExit):
+            gpu_check._parse(["--sections", bad])
+    # every correctness step runs before any speed step, and the shares of the budget add up to it
+    names = [(section, step.__name__) for section, step, _ in gpu_check.STEPS]
+    assert sorted(s for s, _ in names) == sorted(list(gpu_check.SECTIONS) * 2)
+    kinds = ["speed" if "speed" in name else "correctness" for _, name in names]
+    assert kinds == sorted(kinds), names
+    assert sum(share for *_, share in gpu_check.STEPS) == pytest.approx(1.0)
 
 
 def test_skipped_peers_suggest_the_readme_install_command(monkeypatch):

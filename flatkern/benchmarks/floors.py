@@ -168,13 +168,13 @@ def family_products(ws, meas):
         for j in range(1, L + 1):
             GP = mm(P[j], _t(P[j])) if P[j] is not None else None
             GQ = mm(_t(Q[j]), Q[j]) if Q[j] is not None else None
-            Y = mm(cols, GQ if GQ is not None else torch.eye(d_0, dtype=Ap.dtype))
+            Y = mm(cols, GQ if GQ is not None else torch.eye(d_0, dtype=Ap.dtype, device=Ap.device))
             H = mm(Y.reshape(*Y.shape[:-2], d_L, n * d_0), _t(rows))
             out += [GP, GQ, H]
             if P[j] is not None:
                 out.append(mm(H, P[j]))
             if Q[j] is not None:
-                Z = mm(GP if GP is not None else torch.eye(d_L, dtype=Ap.dtype), rows)
+                Z = mm(GP if GP is not None else torch.eye(d_L, dtype=Ap.dtype, device=Ap.device), rows)
                 D = mm(_t(cols), Z.reshape(*Z.shape[:-2], d_L * n, d_0))
                 out.append(mm(Q[j], D))
     elif fam not in (families.ISOTROPIC, families.ENTRIES):

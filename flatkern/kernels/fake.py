@@ -51,7 +51,7 @@ def _mlp_grads_fake(x, weights, biases, with_x=True):
 @torch.library.register_fake("flatkern::mlp_hessian_trace")
 def _mlp_hessian_trace_fake(x, weights, biases, slopes, num_acts, loss=0, mean=True, sum_layers=False):
     # the mlp records' saved_specs read the weights and, as their one operand, x
-    specs = routing.mlp_op_kernel(x.device).saved_specs(weights, None, (x,))
+    specs = routing.op_kernel(x.device, routing.MLP_OP).saved_specs(weights, None, (x,))
     return _mlp_terms_fake(x, weights, sum_layers), [x.new_empty(shape, dtype=dtype) for shape, dtype in specs]
 
 

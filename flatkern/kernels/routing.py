@@ -37,7 +37,7 @@ from . import BACKENDS, families
 
 __all__ = ["BACKENDS", "Kernel", "KERNELS", "CPP", "TRITON", "TORCH_OP", "REFERENCE", "resolve", "unavailable",
            "available_backends", "op_kernel", "reset", "MLP_CPP", "MLP_TRITON", "MLP_TORCH_OP", "MLP_KERNELS",
-           "mlp_op_kernel", "resolve_mlp"]
+           "Op", "TRACE_OP", "MLP_OP", "resolve_mlp"]
 
 #: the C++ kernels index with 32-bit BLAS dimensions; every kernel takes widths in [1, MAX_WIDTH)
 MAX_WIDTH = 1 << 20
@@ -63,11 +63,12 @@ class Kernel:
     def unavailable(self, device: torch.device) -> str | None:
         return self._unavailable(torch.device(device))
 
-    def refuses_static(self, dtype: torch.dtype, family: int) -> str | None:
-        """Why the kernel does not take this dtype or family (what a cached route may depend on)."""
+    def refuses_static(self, dtype: torch.dtype, family: int | None) -> str | None:
+        """Why the kernel does not take this dtype or family (what a cached route may depend on);
+        ``family=None`` for an op that takes no measurement family."""
         if dtype not in self.dtypes:
             return f"its kernel does not take {dtype} (takes {', '.join(str(d) for d in self.dtypes)})"
-        if family not in self.families:
+        if family is not None and family not in self.families:
             return f"its kernel does not take the {families.get(family).name} family"
         return None
 
@@ -167,13 +168,29 @@ KERNELS = {"cpp": CPP, "triton": TRITON}
 _AUTO = {"cpu": (CPP, TORCH_OP), "cuda": (TRITON,)}
 
 
-def op_kernel(device) -> Kernel:
+@dataclass(frozen=True, eq=False)
+class Op:
+    """One op's kernel records, which ``resolve`` and ``op_kernel`` read: ``kernels`` by ``backend=``
+    name, ``auto`` the kernels "auto" tries for a device type (in order), ``cpu_fallback`` what the
+    dispatcher runs on CPU without the extension, ``other`` on a device with no kernel of its own."""
+
+    kernels: dict
+    auto: dict
+    cpu_fallback: Kernel
+    other: Kernel
+
+
+#: flatkern::hessian_trace and its siblings (the deep linear chain)
+TRACE_OP = Op(KERNELS, _AUTO, TORCH_OP, REFERENCE)
+
+
+def op_kernel(device, op: Op = TRACE_OP) -> Kernel:
     """The record of the kernel the dispatcher runs for ``device`` (what the fake kernel sizes)."""
     device = torch.device(device)
-    for kernel in _AUTO.get(device.type, ()):
-        if kernel.unavailable(device) is None or kernel is TRITON:
+    for kernel in op.auto.get(device.type, ()):
+        if kernel.unavailable(device) is None or kernel.backend == "triton":
             return kernel
-    return TORCH_OP if device.type == "cpu" else REFERENCE
+    return op.cpu_fallback if device.type == "cpu" else op.other
 
 
 def unavailable(backend: str, device) -> str | None:
@@ -198,7 +215,7 @@ def check_backend(backend) -> str:
 
 # ------------------------------------------------------------------ resolution
 
-# (backend, device type, dtype, family) -> (route, kernel): the part of the choice that depends on
+# (op, backend, device type, dtype, family) -> (route, kernel): the part of the choice that depends on
 # nothing else, cached (it runs on every call, and a d = 30 problem's whole kernel takes ~20 µs)
 _static: dict = {}
 _warned: set = set()
@@ -223,11 +240,11 @@ def _refuse(backend: str, reason: str):
     raise RuntimeError(f'flatkern: backend="{backend}" cannot run here: {reason}; backend="torch" can')
 
 
-def _resolve_static(backend: str, device: torch.device, dtype: torch.dtype, family: int):
+def _resolve_static(op: Op, backend: str, device: torch.device, dtype: torch.dtype, family: int | None):
     if backend == "torch":
         return "ref", REFERENCE
     if backend == "auto":
-        candidates = _AUTO.get(device.type, ())
+        candidates = op.auto.get(device.type, ())
         for i, kernel in enumerate(candidates):
             reason = kernel.unavailable(device)
             if reason is None:
@@ -238,11 +255,11 @@ def _resolve_static(backend: str, device: torch.device, dtype: torch.dtype, fami
             _warn_fallback(device.type, f"no compiled kernel for {device.type}")
         return "ref", REFERENCE
     check_backend(backend)
-    kernel = KERNELS[backend]
+    kernel = op.kernels[backend]
     reason = kernel.unavailable(device) or kernel.refuses_static(dtype, family)
     if reason is not None:
         _refuse(backend, reason)
-    return ("interpret" if kernel is TRITON and device.type == "cpu" else "op"), kernel
+    return ("interpret" if kernel.backend == "triton" and device.type == "cpu" else "op"), kernel
 
 
 def transform_active() -> str | None:
@@ -259,12 +276,16 @@ def resolve(backend: str, weights, family: int, *, transforms: bool = True) -> s
     RuntimeError naming why when ``backend`` names a kernel that cannot take them.  ``transforms=False``:
     the caller computes in plain torch whatever the route (Triton's ``E``), so forward mode and
     ``torch.func`` transforms are no reason to refuse."""
-    first = weights[0]
+    return _resolve(TRACE_OP, backend, weights[0], weights, family, transforms)
+
+
+def _resolve(op: Op, backend: str, first: torch.Tensor, weights, family: int | None, transforms: bool) -> str:
+    """``resolve`` for ``op``'s records, the device and dtype read from ``first``."""
     compiling = torch.compiler.is_compiling()
-    key = (backend, first.device.type, first.dtype, family)
+    key = (op, backend, first.device.type, first.dtype, family)
     static = None if compiling else _static.get(key)
     if static is None:
-        static = _resolve_static(backend, first.device, first.dtype, family)
+        static = _resolve_static(op, backend, first.device, first.dtype, family)
         if not compiling:
             _static[key] = static
     route, kernel = static
@@ -283,7 +304,7 @@ def resolve(backend: str, weights, family: int, *, transforms: bool = True) -> s
 # ------------------------------------------------------------------ flatkern::mlp_hessian_trace (issue 19)
 #
 # The op of networks piecewise linear in each weight has its own records, in the same shape: each
-# kernel states what it takes, and ``resolve_mlp`` (the twin of ``resolve`` for that op) reads them.
+# kernel states what it takes, and ``resolve``'s rules read them through ``MLP_OP`` (``resolve_mlp``).
 # ``families`` is empty (the op takes no measurement family); ``saved_specs(weights, None, (x,))``
 # gives ``[z_1 .. z_L]``, ``(M, d_l)`` each: every kernel of this op saves the pre-activations.
 
@@ -291,18 +312,6 @@ def resolve(backend: str, weights, family: int, *, transforms: bool = True) -> s
 def _mlp_saved_specs(weights, family, operands):
     x = operands[0]
     return [((int(x.shape[0]), int(w.shape[-2])), x.dtype) for w in weights]
-
-
-def _mlp_triton_unavailable(device: torch.device) -> str | None:
-    if device.type == "cpu" and not interpreting():
-        return "Triton kernels need CUDA tensors (on CPU they run only in the interpreter, with TRITON_INTERPRET=1)"
-    if device.type not in ("cpu", "cuda"):
-        return f"Triton kernels run on CUDA tensors, got tensors on {device}"
-    try:
-        from .triton import mlp_hessian_trace  # noqa: F401  (imports triton)
-    except ImportError as exc:
-        return f"the Triton backend cannot be imported ({exc})"
-    return None
 
 
 _NO_FAMILIES: frozenset = frozenset()
@@ -313,69 +322,18 @@ MLP_CPP = Kernel("cpp", ("cpu",), _FLOATS, _NO_FAMILIES, derivatives=1, forward_
 #: the Triton kernels of the mlp op (``flatkern/kernels/triton/mlp_hessian_trace.py``): fp32 / fp64, the GEMMs
 #: in fp32 ("ieee", no TF32) or fp64
 MLP_TRITON = Kernel("triton", ("cuda",), _FLOATS, _NO_FAMILIES, derivatives=1, forward_mode=False, empty_batch=True,
-                    max_width=MAX_WIDTH, _unavailable=_mlp_triton_unavailable, _saved_specs=_mlp_saved_specs)
+                    max_width=MAX_WIDTH, _unavailable=_triton_unavailable, _saved_specs=_mlp_saved_specs)
 #: the plain-torch formula (``flatkern.piecewise``) as the mlp op's CPU kernel, when the C++ extension is missing
 MLP_TORCH_OP = Kernel("torch", ("cpu",), _FLOATS, _NO_FAMILIES, derivatives=1, forward_mode=False, empty_batch=True,
                       max_width=MAX_WIDTH, _unavailable=_torch_op_unavailable, _saved_specs=_mlp_saved_specs)
 
 MLP_KERNELS = {"cpp": MLP_CPP, "triton": MLP_TRITON}
-_MLP_AUTO = {"cpu": (MLP_CPP, MLP_TORCH_OP), "cuda": (MLP_TRITON,)}
-
-
-def mlp_op_kernel(device) -> Kernel:
-    """The record of the mlp op's kernel that the dispatcher runs for ``device`` (what its fake kernel sizes)."""
-    device = torch.device(device)
-    for kernel in _MLP_AUTO.get(device.type, ()):
-        if kernel.unavailable(device) is None or kernel is MLP_TRITON:
-            return kernel
-    return MLP_TORCH_OP
-
-
-def _resolve_mlp_static(backend: str, device: torch.device, dtype: torch.dtype):
-    if backend == "torch":
-        return "ref", REFERENCE
-    if backend == "auto":
-        candidates = _MLP_AUTO.get(device.type, ())
-        for i, kernel in enumerate(candidates):
-            reason = kernel.unavailable(device)
-            if reason is None:
-                return ("op", kernel) if dtype in kernel.dtypes else ("ref", REFERENCE)
-            if i == 0:
-                _warn_fallback(device.type, reason)
-        if not candidates:
-            _warn_fallback(device.type, f"no compiled kernel for {device.type}")
-        return "ref", REFERENCE
-    check_backend(backend)
-    kernel = MLP_KERNELS[backend]
-    reason = kernel.unavailable(device)
-    if reason is None and dtype not in kernel.dtypes:
-        reason = f"its kernel does not take {dtype} (takes {', '.join(str(d) for d in kernel.dtypes)})"
-    if reason is not None:
-        _refuse(backend, reason)
-    return ("interpret" if kernel is MLP_TRITON and device.type == "cpu" else "op"), kernel
+#: flatkern::mlp_hessian_trace and its siblings (every kernel of it, the plain-torch one too, saves z)
+MLP_OP = Op(MLP_KERNELS, {"cpu": (MLP_CPP, MLP_TORCH_OP), "cuda": (MLP_TRITON,)}, MLP_TORCH_OP, MLP_TORCH_OP)
 
 
 def resolve_mlp(backend: str, x: torch.Tensor, weights) -> str:
     """``"op"``, ``"interpret"`` or ``"ref"`` for ``flatkern::mlp_hessian_trace`` on these (validated)
     inputs ``x`` ``(M, d_0)`` and weights: ``resolve``'s rules with the mlp records (the static part
-    cached; widths, an empty batch and active transforms checked on every call)."""
-    compiling = torch.compiler.is_compiling()
-    key = ("mlp", backend, x.device.type, x.dtype)
-    static = None if compiling else _static.get(key)
-    if static is None:
-        static = _resolve_mlp_static(backend, x.device, x.dtype)
-        if not compiling:
-            _static[key] = static
-    route, kernel = static
-    if route == "ref":
-        return route
-    reason = kernel.refuses_shape(weights)
-    if reason is None and not kernel.empty_batch and x.shape[0] == 0:
-        reason = f"its kernel does not take an empty batch (x of shape {tuple(x.shape)})"
-    if reason is None and not compiling:
-        reason = transform_active()
-    if reason is None:
-        return route
-    if backend == "auto":
-        return "ref"
-    _refuse(backend, reason)
+    cached; widths and active transforms checked on every call)."""
+    return _resolve(MLP_OP, backend, x, weights, None, True)

@@ -26,6 +26,11 @@ backward uses: ``σ'(0) = 0`` for ``nn.ReLU``, ``σ'(0) = negative_slope`` for
 ``nn.LeakyReLU``.  Autograd's Hessian (``torch.func.hessian``) uses the same
 masks, so the two agree everywhere, kinks included.
 
+One module over 600 lines: the walker's ``Network`` is what the formula, its reverse sweep and
+the op's encoding read, and the formula is also the op's plain-torch CPU kernel; splitting them
+would spread one definition of the network over several files.  (Candidate split, not done: the
+walker into its own module.)
+
 The model walker maps each module type to its role (BackPACK's shape: one
 row per module type, a clear error for anything else):
 

@@ -4,6 +4,9 @@
     python bench/gpu_check.py --sections mlp,per-problem   # only the ReLU-network op and per-problem sets
     TRITON_INTERPRET=1 python bench/gpu_check.py --device cpu --tiny   # the same logic, tiny, in the interpreter
 
+One module over 600 lines: a session lent a GPU for a few minutes runs one short, prepared
+script, and its three sections share one time budget, one step order and one table.
+
 (``python -m flatkern.benchmarks.gpu_check`` is the same command; ``bench/gpu_check.py`` only
 puts the checkout first on ``sys.path`` and calls ``main`` here.)  Three sections (``--sections``,
 default all), each a correctness step and a speed step; every correctness step runs before any

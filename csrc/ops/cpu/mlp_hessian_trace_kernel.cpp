@@ -25,6 +25,10 @@
 // saved = [z_1, ..., z_L] ((M, d_l) each): the backward rebuilds a_l and D_l from them
 // elementwise and re-runs the C-column sweep (it needs every G_l; keeping them between
 // forward and backward would hold M·C·Σd_l numbers for as long as the graph lives).
+//
+// One file over 600 lines, as hessian_trace_kernel.cpp is for the linear op: the three ops' CPU
+// kernels share the Net/Forward types, the argument checks and the blocked sweep, which a header
+// split would only expose to files that do not use them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -125,6 +129,7 @@ struct Forward {
   std::vector<at::Tensor> z;  // index 1..L: pre-activations (M, d_l)
   std::vector<at::Tensor> a;  // index 0..L: a[0] = x, a[l] = σ(z_l) (a_L: the network's output, the logits)
   std::vector<at::Tensor> m;  // index 1..L: masks (M, d_l), undefined where no activation follows
+  Forward(int64_t L, const at::Tensor& x) : z(L + 1), a(L + 1), m(L + 1) { a[0] = x; }
 };
 
 constexpr int64_t kElementGrain = 1 << 14;
@@ -183,11 +188,7 @@ void activate(const Net& net, Forward& f, int64_t l) {
 
 template <typename T>
 Forward run_forward(const Net& net, const at::Tensor& x) {
-  Forward f;
-  f.z.resize(net.L + 1);
-  f.a.resize(net.L + 1);
-  f.m.resize(net.L + 1);
-  f.a[0] = x;
+  Forward f(net.L, x);
   for (int64_t l = 1; l <= net.L; ++l) {
     f.z[l] = net.b[l].defined() ? at::addmm(net.b[l], f.a[l - 1], net.W[l].t()) : at::mm(f.a[l - 1], net.W[l].t());
     activate<T>(net, f, l);
@@ -199,11 +200,7 @@ template <typename T>
 Forward from_saved(const Net& net, const at::Tensor& x, at::TensorList saved) {
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == net.L, "mlp_hessian_trace_backward: saved has ", saved.size(),
               " tensors, need the forward's ", net.L);
-  Forward f;
-  f.z.resize(net.L + 1);
-  f.a.resize(net.L + 1);
-  f.m.resize(net.L + 1);
-  f.a[0] = x;
+  Forward f(net.L, x);
   for (int64_t l = 1; l <= net.L; ++l) {
     const at::Tensor& z = saved[l - 1];
     TORCH_CHECK(z.dim() == 2 && z.size(0) == net.M && z.size(1) == net.d[l] && z.scalar_type() == x.scalar_type(),

@@ -31,6 +31,8 @@ use, and cached in one place: ``_operands``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_floating, check_int
@@ -398,9 +400,14 @@ class Dense(Measurements):
         return self._Kp
 
     def predict(self, E):
+        # Σ_a (Ap[a] @ E[a, :]): per row a of E, one product with the contiguous (n, d_0) block Ap[a], which
+        # reads the private copy once in its own layout.  An einsum over the view A made a strided copy of
+        # all n d_L d_0 entries per call and its backward, ~4x the time at d = 100, n = 2000.
         if self.batch_shape:
-            return torch.einsum("...ab,...nab->...n", E, self.A)
-        return torch.einsum("...ab,nab->...n", E, self.A)
+            return (self._Ap @ E.unsqueeze(-1)).squeeze(-1).sum(-2)
+        lead = E.shape[:-2]
+        cols = E.reshape(math.prod(lead), *E.shape[-2:]).permute(1, 2, 0)  # (d_L, d_0, B)
+        return (self._Ap @ cols).sum(0).transpose(0, 1).reshape(*lead, self.n)
 
     def contract(self, P, Q, d_L, d_0):
         A = self.A

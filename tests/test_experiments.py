@@ -127,15 +127,15 @@ def test_generic_tasks_and_records_are_the_experiment_functions_own():
     grid = grid_of("tiny", flattest=FlattestGrid(matrices=(((4, 3), 1),), depths=(2,), budget=FlattestSettings(steps=20, polish_steps=5)),
                    sensing=RecoveryGrid(depths=(2,), ns=(12,), problem=problem))
     tasks = tasks_of(grid)
-    assert [tuple(t) for t in tasks] == [("flattest", (4, 3), 1, 2, 0), ("sensing", "nuclear_norm", 6, 1, None, 12, 0),
-                                         ("sensing", "networks", 6, 1, 2, 12, 0),
-                                         ("sensing", "flattest_solution", 6, 1, 2, 12, 0)]
+    assert [tuple(t) for t in tasks] == [("flattest", (4, 3), 1, 2, 0), ("sensing", "networks", 6, 1, 2, 12, (0,)),
+                                         ("sensing", "nuclear_norm", 6, 1, None, 12, (0,)),
+                                         ("sensing", "flattest_solution", 6, 1, 2, 12, (0,))]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         by_hand = [run_flattest((4, 3), 1, 2, 0, FlattestSettings(steps=20, polish_steps=5), "torch"),
-                   run_nuclear_norm("sensing", 12, 0, problem),
                    run_networks("sensing", 2, 12, 0, problem, "torch"),
+                   run_nuclear_norm("sensing", 12, 0, problem),
                    run_flattest_solution("sensing", 2, 12, 0, problem, "torch")]
         for task, expected in zip(tasks, by_hand, strict=True):
             assert without_timings(run_task(task, grid, "torch")) == without_timings(expected), task
@@ -161,3 +161,80 @@ def test_the_registry_module_names_every_line():
 
     assert _experiment_names() == tuple(experiments())
     assert all(set(e.axes) <= {"sizes", "ranks", "depths", "ns", "seeds"} and e.axes for e in experiments().values())
+
+
+# ---------------------------------------------------------------- seeds as one batch of problems (issue 21 §4)
+
+
+def _float_fields_agree(separate: list[dict], batched: list[dict]) -> None:
+    """Equal records up to float rounding: every number to 1e-12 relative (a loss near 1e-18 to 1e-24 absolute:
+    the residual of a zero-loss fit is rounding itself)."""
+    assert len(separate) == len(batched)
+    for a, b in zip(separate, batched, strict=True):
+        assert a.keys() == b.keys() and {k: a[k] for k in a if not isinstance(a[k], float)} == \
+            {k: b[k] for k in b if not isinstance(b[k], float)}, (a, b)
+        for k, x in a.items():
+            if isinstance(x, float):
+                assert abs(x - b[k]) <= 1e-12 * abs(x) + 1e-24, (a["seed"], a["method"], k, x, b[k])
+
+
+@pytest.mark.parametrize("experiment, n", [("sensing", 14), ("completion", 16)])
+def test_run_networks_trains_seeds_as_one_batch_equal_to_separate_runs(experiment, n):
+    from flatkern.experiments.recovery import RecoverySettings, batches_seeds, run_networks
+
+    s = RecoverySettings(d=6, rank=1, steps=40, polish_steps=10)
+    assert batches_seeds(experiment, s.d, n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for depth in (2, 3):
+            separate = [r for seed in (0, 1, 2) for r in run_networks(experiment, depth, n, seed, s, "torch")]
+            batched = run_networks(experiment, depth, n, (0, 1, 2), s, "torch")
+            assert [(r["seed"], r["method"]) for r in batched] == [(seed, m) for seed in (0, 1, 2)
+                                                                   for m in ("gd", "gd_small_init", "label_noise", "flatness")]
+            _float_fields_agree(separate, batched)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_run_networks_runs_seeds_one_by_one_where_a_batch_saves_nothing(monkeypatch):
+    # a large Dense set: each problem reads its own n matrices per step, and a batch would copy them per problem
+    from flatkern.experiments import recovery
+
+    s = recovery.RecoverySettings(d=5, rank=1, steps=10, polish_steps=5)
+    monkeypatch.setattr(recovery, "BATCH_MAX_DENSE", 5 * 5 * 12 - 1)
+    assert not recovery.batches_seeds("sensing", 5, 12) and recovery.batches_seeds("completion", 5, 12)
+    separate = [r for seed in (3, 4) for r in recovery.run_networks("sensing", 2, 12, seed, s, "torch")]
+    assert recovery.run_networks("sensing", 2, 12, (3, 4), s, "torch") == separate
+
+
+def test_heavy_ball_is_sgd_with_momentum_and_steps_each_problem_with_its_own_step_size():
+    from flatkern.experiments.training import HeavyBall
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    grads = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+    lrs = torch.tensor([0.1, 0.02, 0.3], dtype=torch.float64)
+    mine, theirs = w0.clone().requires_grad_(), [w0[i].clone().requires_grad_() for i in range(3)]
+    heavy = HeavyBall([mine], lr=lrs, momentum=0.9)
+    sgds = [torch.optim.SGD([theirs[i]], lr=float(lrs[i]), momentum=0.9) for i in range(3)]
+    for grad in grads:
+        mine.grad = grad.clone()
+        heavy.step()
+        for i, opt in enumerate(sgds):
+            theirs[i].grad = grad[i].clone()
+            opt.step()
+    torch.testing.assert_close(mine.detach(), torch.stack([t.detach() for t in theirs]), rtol=1e-14, atol=1e-15)
+
+
+def test_the_journal_refuses_a_batched_task_s_records_in_another_seed_order():
+    from flatkern.experiments.journal import _problem
+    from flatkern.experiments.recovery import SENSING, RecoveryTask, RecoverySettings, run_networks
+
+    task = RecoveryTask("sensing", "networks", 5, 1, 2, 12, (0, 1))
+    records = run_networks("sensing", 2, 12, (0, 1), RecoverySettings(d=5, rank=1, steps=5, polish_steps=2), "torch")
+    entry = json.loads(json.dumps({"records": records}))
+    assert _problem(entry, task, SENSING) is None
+    entry["records"] = entry["records"][4:] + entry["records"][:4]
+    assert "its records have seeds [1, 1, 1, 1, 0, 0, 0, 0], the task writes [0, 0, 0, 0, 1, 1, 1, 1]" in \
+        _problem(entry, task, SENSING)

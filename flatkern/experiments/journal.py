@@ -153,6 +153,11 @@ def _problem(entry: dict, task, experiment) -> str | None:
         for field, value in key.items():
             if field in r and r[field] != value:
                 return f"the '{r['method']}' record's {field} is {r[field]!r}, its task's is {value!r}"
+    if "seeds" in key:  # a task of several seeds (one batch of problems) writes their records seed by seed
+        per = len(records) // max(len(key["seeds"]), 1)
+        expected = [seed for seed in key["seeds"] for _ in range(per)]
+        if [r.get("seed") for r in records] != expected:
+            return f"its records have seeds {[r.get('seed') for r in records]}, the task writes {expected}"
     return None
 
 

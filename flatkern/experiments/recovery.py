@@ -26,6 +26,12 @@ Methods (one record each):
   lifted (docs/MATH.md), so its nuclear norm equals ``nuclear_norm``'s at every ``n``.
 - ``nuclear_norm``: the convex program ``min ‖X‖_* s.t. A(X) = b`` (cvxpy);
   it has no depth (``depth`` is null in its record).
+
+The four network methods of a problem size, ``n`` and depth run as one task for
+every seed of the grid: the seeds' problems, each with its own measurements,
+step sizes and random numbers, stacked into one batch (``run_networks``), which
+gives each seed's records up to float rounding (``tests/test_experiments.py``)
+in about half the time for completion (``bench/bench_sweeps.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from .baselines import nuclear_norm_solution
 from .training import kernel_norm, standard_init, train_flatness, train_gd
 
 __all__ = ["RecoverySettings", "RecoveryGrid", "RecoveryTask", "SENSING", "COMPLETION", "make_problem", "run_networks",
+           "batches_seeds", "BATCH_MAX_DENSE",
            "run_flattest_solution", "run_nuclear_norm", "NETWORK_METHODS", "METHODS", "convex_cost", "convex_memory_gb",
            "LITERATURE", "FULL_TASK_SECONDS", "FULL_TASK_MEMORY_GB"]
 
@@ -131,27 +138,68 @@ def metrics(weights, E: torch.Tensor, M: torch.Tensor, meas: Measurements, b: to
     return out
 
 
-def run_networks(experiment: str, depth: int, n: int, seed: int, settings: RecoverySettings, backend: str = "auto") -> list[dict]:
-    """Train the four network methods on one problem; one record per method."""
-    M, meas, b = make_problem(experiment, n, seed, settings)
-    d, s = settings.d, settings
-    widths = [d] * (depth + 1)
-    kappa = kernel_norm(meas)
-    # gd, gd_small_init and label_noise share the loop: one batch of three problems
-    g = _generator("init", experiment, depth, n, seed)
-    scales = torch.tensor([1.0, s.init_scale ** (1.0 / depth), 1.0], dtype=torch.float64)
-    W = standard_init(widths, scale=scales, batch=(3,), generator=g)
-    noise = torch.tensor([0.0, 0.0, s.label_noise], dtype=torch.float64)
-    train_gd(W, meas, b, steps=s.steps, eta=s.eta, label_noise=noise, generator=g, kappa=kappa, backend=backend)
-    train_gd(W, meas, b, steps=s.polish_steps, eta=s.eta, kappa=kappa, backend=backend)
-    records = []
-    for i, method in enumerate(("gd", "gd_small_init", "label_noise")):
-        Wi = [w[i].detach() for w in W]
-        E = end_to_end(Wi, backend=backend)
-        records.append(dict(method=method, **metrics(Wi, E, M, meas, b, depth, backend)))
+def _stacked(sets: list[Measurements], repeat: int) -> Measurements:
+    """One measurement set per problem of a batch of ``len(sets) * repeat`` problems (each set ``repeat`` times, in
+    order), or the one set itself when there is one (shared by the batch: no copy)."""
+    if len(sets) == 1:
+        return sets[0]
+    if isinstance(sets[0], Dense):
+        return Dense(torch.stack([m.A for m in sets]).repeat_interleave(repeat, 0))
+    if isinstance(sets[0], Entries):
+        rows, cols = (torch.stack([getattr(m, f) for m in sets]).repeat_interleave(repeat, 0) for f in ("rows", "cols"))
+        return Entries(rows, cols, sets[0].shape)
+    raise TypeError(f"_stacked supports Dense and Entries, got {type(sets[0]).__name__}")
 
-    g = _generator("init", experiment, depth, n, seed, "flatness")
-    W = standard_init(widths, generator=g)
+
+# the largest Dense set (n d_L d_0 entries) whose seeds run batched: below it a step costs its Python and dispatch
+# (~2.5 ms, about the same for 3 problems or 9); above it the step reads the n matrices of every problem and a
+# batch saves nothing (and holds a copy of them per problem: 3 x 400 MB at 100 x 100, n = 5000)
+BATCH_MAX_DENSE = 10**6
+
+
+def batches_seeds(experiment: str, d: int, n: int) -> bool:
+    """Whether ``run_networks`` trains a problem's seeds as one batch (``completion``: always; ``sensing``: when its
+    ``Dense`` set is small, ``BATCH_MAX_DENSE``)."""
+    return experiment == "completion" or n * d * d <= BATCH_MAX_DENSE
+
+
+def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoverySettings, backend: str = "auto") -> list[dict]:
+    """Train the four network methods on the problems ``(experiment, n, seed)`` of ``seeds`` (an int or a tuple of
+    them); one record per seed and method, seed by seed.
+
+    The seeds run as one batch of problems, each with its own measurements, step sizes and random numbers
+    (``batches_seeds``); a record is its separate run's up to float rounding (``tests/test_experiments.py``).
+    """
+    seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+    if len(seeds) > 1 and not batches_seeds(experiment, settings.d, n):
+        return [r for seed in seeds for r in run_networks(experiment, depth, n, seed, settings, backend)]
+    problems = [make_problem(experiment, n, seed, settings) for seed in seeds]
+    S, d, s = len(seeds), settings.d, settings
+    widths = [d] * (depth + 1)
+    kappas = torch.tensor([kernel_norm(meas) for _, meas, _ in problems], dtype=torch.float64)
+    # gd, gd_small_init and label_noise share the loop: a batch of three problems per seed
+    gens = [_generator("init", experiment, depth, n, seed) for seed in seeds]
+    scales = torch.tensor([1.0, s.init_scale ** (1.0 / depth), 1.0], dtype=torch.float64)
+    inits = [standard_init(widths, scale=scales, batch=(3,), generator=g) for g in gens]
+    W = [torch.cat([w[j].detach() for w in inits]).requires_grad_() for j in range(depth)]
+    meas = _stacked([m for _, m, _ in problems], 3)
+    b = torch.stack([b for _, _, b in problems]).repeat_interleave(3, 0) if S > 1 else problems[0][2]
+    noise = torch.tensor([0.0, 0.0, s.label_noise], dtype=torch.float64).repeat(S)
+    kappa = kappas.repeat_interleave(3) if S > 1 else float(kappas[0])
+    train_gd(W, meas, b, steps=s.steps, eta=s.eta, label_noise=noise, generator=gens, kappa=kappa, backend=backend)
+    train_gd(W, meas, b, steps=s.polish_steps, eta=s.eta, kappa=kappa, backend=backend)
+    records = [[] for _ in seeds]
+    for i, (M, meas_i, b_i) in enumerate(problems):
+        for k, method in enumerate(("gd", "gd_small_init", "label_noise")):
+            Wi = [w[3 * i + k].detach() for w in W]
+            E = end_to_end(Wi, backend=backend)
+            records[i].append(dict(method=method, **metrics(Wi, E, M, meas_i, b_i, depth, backend)))
+
+    inits = [standard_init(widths, generator=_generator("init", experiment, depth, n, seed, "flatness")) for seed in seeds]
+    W = [torch.stack([w[j].detach() for w in inits]).requires_grad_() if S > 1 else inits[0][j] for j in range(depth)]
+    meas = _stacked([m for _, m, _ in problems], 1)
+    b = torch.stack([b for _, _, b in problems]) if S > 1 else problems[0][2]
+    kappa = kappas if S > 1 else float(kappas[0])
     if experiment == "sensing" and s.sensing_regularizer == "isotropic":
         reg = Isotropic()
     elif experiment == "completion" or s.sensing_regularizer == "train":
@@ -160,10 +208,12 @@ def run_networks(experiment: str, depth: int, n: int, seed: int, settings: Recov
         raise ValueError(f"sensing_regularizer must be 'isotropic' or 'train', got {s.sensing_regularizer!r}")
     train_flatness(W, meas, b, steps=s.steps, lam_start=s.lam_start, lam_end=s.lam_end, polish_steps=s.polish_steps,
                    eta=s.eta, regularizer=reg, kappa=kappa, backend=backend)
-    Wf = [w.detach() for w in W]
-    records.append(dict(method="flatness", regularizer="isotropic" if reg is not meas else "train",
-                        **metrics(Wf, end_to_end(Wf, backend=backend), M, meas, b, depth, backend)))
-    return [dict(experiment=experiment, depth=depth, n=n, seed=seed, d=d, rank=s.rank, **r) for r in records]
+    for i, (M, meas_i, b_i) in enumerate(problems):
+        Wf = [w[i].detach() if S > 1 else w.detach() for w in W]
+        records[i].append(dict(method="flatness", regularizer="isotropic" if reg is not meas else "train",
+                               **metrics(Wf, end_to_end(Wf, backend=backend), M, meas_i, b_i, depth, backend)))
+    return [dict(experiment=experiment, depth=depth, n=n, seed=seed, d=d, rank=s.rank, **r)
+            for seed, mine in zip(seeds, records) for r in mine]
 
 
 def run_flattest_solution(experiment: str, depth: int, n: int, seed: int, settings: RecoverySettings, backend: str = "auto") -> list[dict]:
@@ -199,7 +249,7 @@ class RecoveryTask(NamedTuple):
     rank: int
     depth: int | None
     n: int
-    seed: int
+    seeds: tuple        # networks: every seed of the grid point (trained as one batch, run_networks); else one
 
 
 @dataclass(frozen=True)
@@ -270,15 +320,17 @@ class Recovery(Experiment):
         self.figure_name = f"recovery_{name}.png"
 
     def all_tasks(self, s: RecoveryGrid) -> list[RecoveryTask]:
-        """Every task of the sweep, affordable or not."""
+        """Every task of the sweep, affordable or not: per ``(d, rank, n)``, the networks at each depth (every seed in
+        one task: ``run_networks`` batches them), then per seed the convex program and the flattest solutions."""
         tasks = []
         for d, rank, ns in s.sizes():
             for n in ns:
+                for depth in s.depths:
+                    tasks.append(RecoveryTask(self.name, "networks", d, rank, depth, n, tuple(s.seeds)))
                 for seed in s.seeds:
-                    tasks.append(RecoveryTask(self.name, "nuclear_norm", d, rank, None, n, seed))
+                    tasks.append(RecoveryTask(self.name, "nuclear_norm", d, rank, None, n, (seed,)))
                     for depth in s.depths:
-                        tasks.append(RecoveryTask(self.name, "networks", d, rank, depth, n, seed))
-                        tasks.append(RecoveryTask(self.name, "flattest_solution", d, rank, depth, n, seed))
+                        tasks.append(RecoveryTask(self.name, "flattest_solution", d, rank, depth, n, (seed,)))
         return tasks
 
     def tasks(self, s: RecoveryGrid) -> list[RecoveryTask]:
@@ -299,38 +351,47 @@ class Recovery(Experiment):
         return replace(s, depths=axes.get("depths", s.depths), seeds=axes.get("seeds", s.seeds))
 
     def methods(self, task: RecoveryTask) -> tuple[str, ...]:
-        return NETWORK_METHODS if task.kind == "networks" else (task.kind,)
+        return NETWORK_METHODS * len(task.seeds) if task.kind == "networks" else (task.kind,)
 
     def run(self, task: RecoveryTask, s: RecoveryGrid, backend: str) -> list[dict]:
         problem = replace(s.problem, d=task.d, rank=task.rank)
         if task.kind == "nuclear_norm":
-            return run_nuclear_norm(task.experiment, task.n, task.seed, problem)
+            return run_nuclear_norm(task.experiment, task.n, task.seeds[0], problem)
         if task.kind == "flattest_solution":
-            return run_flattest_solution(task.experiment, task.depth, task.n, task.seed, problem, backend)
+            return run_flattest_solution(task.experiment, task.depth, task.n, task.seeds[0], problem, backend)
         if task.kind == "networks":
-            return run_networks(task.experiment, task.depth, task.n, task.seed, problem, backend)
+            return run_networks(task.experiment, task.depth, task.n, task.seeds, problem, backend)
         raise ValueError(f"task.kind must be 'nuclear_norm', 'networks' or 'flattest_solution', got {task.kind!r}")
 
     def cost(self, task: RecoveryTask, s: RecoveryGrid) -> float:
-        # measured, one thread: at d = 20 (the quick budget, 800 steps) cvxpy 3-4 s, the four networks 1.3-3 s, a
-        # sensing solve 0.5-1 s, a completion solve (to its iteration cap) 7-10 s.  At 100 × 100, n = 2000, on a
-        # loaded machine: completion, a step of the four networks 2-4.5 ms (the small-d cost is overhead, not
-        # flops), a solve's inner iteration 3.2 ms × L; Gaussian sensing, a step of the four networks 1.3 s at
-        # L = 2 and 1.2 s at L = 4, a solve's inner iteration 1.45 s at L = 2 and 2.2 s at L = 4: its O(n d²)
-        # products with the Dense A, ~ 6.5e-8 s and 7e-8 s (1 + (L - 2)/4) per n d².  A sensing solve is
-        # assumed to take 1000 inner iterations (not measured at that size; its cap is 6000)
+        # measured, one thread: at d = 20 (the quick budget, 800 steps) cvxpy 3-4 s, the four networks 1.3-3 s per
+        # seed (three seeds batched: 1.2-2.3x one seed), a sensing solve 0.5-1 s, a completion solve (to its
+        # iteration cap) 7-10 s.  At 100 × 100: completion, a step of the four networks 2-4.5 ms (the small-d cost
+        # is overhead, not flops), a solve's inner iteration 3.2 ms × L; Gaussian sensing, a step of the four
+        # networks 37 ms at n = 2000, L = 2 and 158 ms at n = 5000, L = 4 over 30 steps, 66 ms at n = 2000 over a
+        # whole task (171 s; the products with the Dense A, ~3e-9 s (1 + (L - 2)/4) per n d²), after 5-24 s for
+        # the n × n Gram of kernel_norm and the records' exact traces;
+        # a solve's inner iteration 21 ms at n = 2000, L = 2 and 52 ms at n = 5000, L = 4, and a solve runs to its
+        # iteration cap (4742 iterations, 117 s at n = 2000, L = 2)
         p, d, n = s.problem, task.d, task.n
         dense = self.name == "sensing"
         if task.kind == "nuclear_norm":
             return convex_cost(dense, d, n)
         steps = p.steps + p.polish_steps
+        chain = 1 + (task.depth - 2) / 4
         if task.kind == "networks":
-            per_step = 2.5e-3 * (1 + task.depth / 4) * max(1.0, d / 60) + (6.5e-8 * n * d * d if dense else 0.0)
-            return per_step * steps
+            # a step's Python and dispatch (the first term) is shared by a batch of seeds; its products are not
+            # (bench/bench_sweeps.py: three seeds batched 2.0-2.1x faster for completion at 20 × 20, 1.0-1.2x at
+            # 100 × 100 and for sensing, whose batch reads each seed's own Dense set)
+            seeds = len(task.seeds)
+            overhead = 2.5e-3 * (1 + task.depth / 4)
+            work = overhead * (max(1.0, d / 60) - 1) + (3e-9 * n * d * d * chain if dense else 0.0)
+            fixed = 8e-11 * n * n * d * d + 2e-10 * n * d**3 * task.depth if dense else 0.0
+            shared = 1 + 0.4 * (seeds - 1) if batches_seeds(self.name, d, n) and not dense else seeds
+            return (overhead * shared + work * seeds) * steps + fixed * seeds
         iterations = p.solution_max_outer * p.solution_max_inner
         if dense:
-            return (6.7e-5 * task.depth * iterations
-                    + 7e-8 * n * d * d * (1 + (task.depth - 2) / 4) * min(iterations, 1000))
+            return (6.7e-5 * task.depth + 0.9e-9 * n * d * d * chain) * iterations
         return 5.8e-4 * task.depth * max(1.0, d / 20) * iterations
 
     def table(self, records: list[dict]) -> dict:
@@ -457,8 +518,9 @@ def _by_size(records: list[dict]) -> dict:
     return dict(sorted(groups.items(), key=lambda item: str(item[0]) if "?" in item[0] else f"{item[0][0]:09d}{item[0][1]:09d}"))
 
 
-# --full: the 20 × 20 sweep, and the literature's 100 × 100 rank-5 problems at n = 2,000-5,000 (one seed), as far as
-# each task's estimated cost stays within FULL_TASK_SECONDS (the summary says where Gaussian sensing stops)
+# --full: the 20 × 20 sweep, and the literature's 100 × 100 rank-5 problems at n = 2,000-5,000, three seeds each, as
+# far as each task's estimated cost and memory stay within FULL_TASK_SECONDS and FULL_TASK_MEMORY_GB (the summary
+# says what is left out)
 _FULL_PROBLEMS = ((20, 2, _FULL_NS), LITERATURE)
 SENSING = Recovery("sensing", "Gaussian sensing", {
     "quick": RecoveryGrid(depths=(2, 3), ns=(200,), problem=_QUICK),

@@ -29,7 +29,7 @@ from ..ops import end_to_end, hessian_trace, mse_loss
 from ..optim import FlatnessRegularized
 from ..reference import chain_products_ref
 
-__all__ = ["kernel_norm", "minibatch_kernel_norm", "curvature_bound", "standard_init", "train_gd", "train_flatness",
+__all__ = ["kernel_norm", "minibatch_kernel_norm", "curvature_bound", "standard_init", "train_gd", "train_flatness", "HeavyBall",
            "train_sgd", "predict_at"]
 
 
@@ -128,17 +128,26 @@ def train_gd(
         sam: radius ``ρ`` of sharpness-aware minimization (``0``: none): the two-step
             update takes the gradient at ``W + ρ g / ‖g‖``, ``g = ∇L(W)``, ``‖g‖`` over
             every layer of a problem (Foret et al. 2021), in place of ``∇L(W)``.
+        generator: the label noise's ``torch.Generator``, or a list of ``G`` of them: the noisy targets' leading
+            dimension splits in ``G`` equal blocks, each drawn from its own (``G`` problems stacked, each drawing
+            what its separate run draws).
+        kappa: ``kernel_norm(measurements)``, a number or a tensor of the weights' batch shape (per problem).
         callback: called as ``callback(t, weights)`` after step ``t = 1, ..., steps``.
     """
     kappa = kernel_norm(measurements) if kappa is None else kappa
     noise = torch.as_tensor(label_noise, dtype=targets.dtype)
     noisy = bool((noise != 0).any())
     noise = noise.reshape(*noise.shape, 1)
+    draws = torch.broadcast_shapes(noise.shape, targets.shape)  # the noisy targets' shape
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    if noisy and len(generators) > 1 and (len(draws) < 2 or draws[0] % len(generators)):
+        raise ValueError(f"train_gd: {len(generators)} generators must split the noisy targets' leading dimension "
+                         f"evenly, got targets of shape {tuple(draws)}")
     velocity = [torch.zeros_like(w) for w in weights]
     step_size = StepSize(kappa, eta)
     for t in range(steps):
         lr = step_size(weights)
-        b = targets + noise * torch.randn(noise.shape[:-1] + targets.shape, generator=generator, dtype=targets.dtype) if noisy else targets
+        b = targets + noise * _randn(draws, generators, targets.dtype) if noisy else targets
 
         def gradient(ws):
             loss = mse_loss(ws, measurements, b, backend=backend).sum()
@@ -162,6 +171,39 @@ def train_gd(
     return weights
 
 
+def _randn(shape: torch.Size, generators: list, dtype) -> torch.Tensor:
+    """Standard normal draws of ``shape``, its leading dimension in ``len(generators)`` equal blocks, block ``j`` from
+    ``generators[j]``: a batch of problems stacked from separate runs draws what each run drew on its own."""
+    if len(generators) == 1:
+        return torch.randn(shape, generator=generators[0], dtype=dtype)
+    block = (shape[0] // len(generators), *shape[1:])
+    return torch.cat([torch.randn(block, generator=g, dtype=dtype) for g in generators])
+
+
+class HeavyBall(torch.optim.Optimizer):
+    """``torch.optim.SGD(momentum=m)``'s update, ``v ← m v + g`` (``v = g`` at the first step), ``W ← W − η v``, with
+    ``η`` a number or a tensor of the weights' batch shape ``(...)``: one step size per problem of a batch, so that
+    ``B`` stacked problems step as ``B`` separate runs (``SGD`` takes one number for all)."""
+
+    def __init__(self, params, lr=0.0, momentum: float = 0.9):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr = torch.as_tensor(group["lr"], dtype=torch.float64)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = p.grad.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
+                p.sub_(_batch_view(lr.to(p.dtype)) * state["momentum_buffer"])
+        return None
+
+
 def train_flatness(
     weights: list[torch.Tensor],
     measurements: Measurements,
@@ -182,9 +224,9 @@ def train_flatness(
 
     ``lam`` decays geometrically from ``lam_start`` to ``lam_end`` over ``steps``
     steps, then ``polish_steps`` steps with ``lam = 0`` bring the loss to zero
-    from the (nearly flattest) point reached.  Base optimizer: ``torch.optim.SGD``
-    (full batch, ``momentum``) with the step size ``eta / (S(W) + lam R(W))``,
-    ``R`` an estimate of the regularizer's curvature (below).
+    from the (nearly flattest) point reached.  Base optimizer: ``torch.optim.SGD``'s update
+    (full batch, ``momentum``; ``HeavyBall``, its update with a step size per problem) with the step size
+    ``eta / (S(W) + lam R(W))``, ``R`` an estimate of the regularizer's curvature (below), per problem of a batch.
 
     Args:
         regularizer: the measurements whose trace is regularized (default: the
@@ -193,13 +235,14 @@ def train_flatness(
     """
     kappa = kernel_norm(measurements) if kappa is None else kappa
     reg = measurements if regularizer is None else regularizer
-    opt = FlatnessRegularized(weights, torch.optim.SGD, lam=lam_start, measurements=reg, lr=0.0, momentum=momentum, backend=backend, sharded=False)
+    opt = FlatnessRegularized(weights, HeavyBall, lam=lam_start, measurements=reg, lr=0.0, momentum=momentum, backend=backend, sharded=False)
     total = steps + polish_steps
     step_size = StepSize(kappa, eta)
     # the trace is a homogeneous polynomial of degree k = 2(L-1) in the weights: along a
     # scaling of the weights its curvature is k(k-1) tr / ‖W‖²; lam times that (with the
     # smallest layer norm) estimates the regularizer's share of the sharpness, which
     # dominates for deep chains at large lam and made them diverge without it
+    # (per problem of a batch: B stacked problems step as B separate runs)
     k = 2 * (len(weights) - 1)
     reg_curvature = 0.0
     for t in range(total):
@@ -208,8 +251,8 @@ def train_flatness(
             with torch.no_grad():
                 tr = hessian_trace(weights, reg, backend=backend)
                 smallest = torch.stack([w.square().sum((-2, -1)) for w in weights]).min(0).values
-                reg_curvature = float((k * (k - 1) * tr / smallest).max())
-        sharpness = eta / float(step_size(weights).min())  # S(W), the loss's share
+                reg_curvature = k * (k - 1) * tr / smallest
+        sharpness = eta / step_size(weights)  # S(W), the loss's share, shape (...)
         lr = eta / (sharpness + lam * reg_curvature)
         for g in opt.param_groups:
             g["lam"], g["lr"] = lam, lr

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flatkern.experiments.baselines import nuclear_norm_first_order, nuclear_norm_solution
+from flatkern.experiments.baselines import _gram, nuclear_norm_first_order, nuclear_norm_solution
 from flatkern.experiments.recovery import RecoverySettings, make_problem
 from flatkern.measurements import Dense, Entries, Isotropic, RankOne
 
@@ -45,7 +45,11 @@ def assert_certificate(meas, b: torch.Tensor, X: torch.Tensor, report: dict, sha
     assert report["nuclear_norm"] == pytest.approx(value, rel=1e-12)
     # weak duality: <b, y> = <X, A*(y)> <= ‖X‖_* ‖A*(y)‖₂ for the feasible X, up to rounding
     assert report["lower_bound"] <= value * (1 + 1e-12)
-    assert report["gap"] == pytest.approx((value - report["lower_bound"]) / report["lower_bound"], rel=1e-9, abs=1e-15)
+    if report["lower_bound"] > 0:
+        assert report["gap"] == pytest.approx((value - report["lower_bound"]) / report["lower_bound"], rel=1e-9,
+                                              abs=1e-15)
+    else:  # no positive bound yet: no finite relative gap
+        assert report["gap"] == float("inf") and not report["converged"]
 
 
 # (experiment, d, rank, n, recovered): n below and above the recovery threshold (above: X = M*, the unique optimum)
@@ -83,7 +87,8 @@ def test_first_order_on_a_row_vector_is_the_least_norm_solution(family):
         least_norm = torch.linalg.pinv(meas.A.reshape(5, d)) @ torch.randn(5, generator=g, dtype=torch.float64)
     else:
         meas = Entries(torch.zeros(4, dtype=torch.long), torch.tensor([7, 0, 3, 5]), (1, d))
-        least_norm = torch.zeros(d, dtype=torch.float64).index_put_((meas.cols,), torch.randn(4, generator=g, dtype=torch.float64))
+        values = torch.randn(4, generator=g, dtype=torch.float64)
+        least_norm = torch.zeros(d, dtype=torch.float64).index_put_((meas.cols,), values)
     b = meas.predict(least_norm.reshape(1, d))
     X, report = nuclear_norm_first_order(meas, b, (1, d), tol=1e-10)
     assert report["converged"]
@@ -98,6 +103,14 @@ def test_first_order_recovers_a_fully_observed_matrix_exactly():
     X, report = nuclear_norm_first_order(meas, meas.predict(M), (5, 4))
     assert torch.equal(X, M)  # every entry is set by the projection
     assert report["converged"] and report["gap"] <= TOL
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 9])
+def test_blocked_gram_is_symmetric_and_matches_a_times_a_transpose(n):
+    A = torch.randn(n, 7, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    G = _gram(A, block=4)  # blocks of 4 rows: one partial block, one exact, and several
+    assert torch.equal(G, G.T)
+    torch.testing.assert_close(G, A @ A.T, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("rho", [1e-4, 1e4])
@@ -157,7 +170,7 @@ def _dense(n, shape=(3, 4)):
      r"for a matrix of shape \(3, 4\), but shape = \(4, 3\)"),
     (lambda: nuclear_norm_first_order(_dense(5), torch.ones(5), (3, 4, 1)), ValueError, r"shape must be \(d_L, d_0\)"),
     (lambda: nuclear_norm_first_order(_dense(13), torch.ones(13), (3, 4)), ValueError,
-     r"n = 13 > d_L d_0 = 12 .*singular"),
+     r"n = 13 > d_L d_0 = 12 .*linearly dependent.*singular"),
     (lambda: nuclear_norm_first_order(Dense(_dense(3).A[[0, 1, 0]]), torch.ones(3), (3, 4)), ValueError,
      "Gram .* is singular"),
     (lambda: nuclear_norm_first_order(Dense(torch.randn(2, 5, 3, 4)), torch.ones(5), (3, 4)), ValueError,
@@ -167,11 +180,14 @@ def _dense(n, shape=(3, 4)):
     (lambda: nuclear_norm_first_order(Isotropic(), torch.ones(5), (3, 4)), TypeError,
      "supports Dense and Entries measurements, got Isotropic"),
     (lambda: nuclear_norm_first_order(_dense(5), torch.ones(5), (3, 4), tol=0), ValueError, "tol must be > 0"),
-    (lambda: nuclear_norm_first_order(_dense(5), torch.ones(5), (3, 4), rho=-1.0), ValueError, "rho must be > 0, got -1.0"),
+    (lambda: nuclear_norm_first_order(_dense(5), torch.ones(5), (3, 4), rho=-1.0), ValueError,
+     "rho must be > 0, got -1.0"),
     (lambda: nuclear_norm_first_order(_dense(5), torch.ones(5), (3, 4), max_iterations=0), ValueError,
      "max_iterations must be >= 1"),
     (lambda: nuclear_norm_first_order(_dense(5), torch.ones(5), (3, 4), relaxation=2.0), ValueError,
      r"relaxation must lie in \(0, 2\)"),
+    (lambda: nuclear_norm_first_order(_dense(5), torch.ones(5), (3, 4), check_every=0), ValueError,
+     "check_every must be >= 1"),
 ])
 def test_first_order_refuses_bad_input_naming_it(call, error, match):
     with pytest.raises(error, match=match):
@@ -179,8 +195,10 @@ def test_first_order_refuses_bad_input_naming_it(call, error, match):
 
 
 @given(d_L=st.integers(1, 6), d_0=st.integers(1, 6), family=st.sampled_from(["dense", "entries"]),
-       fraction=st.floats(0.05, 1.0), rank=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
-def test_first_order_bound_holds_and_solution_is_feasible_on_random_problems(d_L, d_0, family, fraction, rank, seed):
+       fraction=st.floats(0.05, 1.0), rank=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
+       relaxation=st.sampled_from([1.0, 1.6]), check_every=st.sampled_from([1, 10]))
+def test_first_order_bound_holds_and_solution_is_feasible_on_random_problems(d_L, d_0, family, fraction, rank, seed,
+                                                                             relaxation, check_every):
     g = torch.Generator().manual_seed(seed)
     n = max(1, round(fraction * d_L * d_0))
     r = min(rank, d_L, d_0)
@@ -190,9 +208,26 @@ def test_first_order_bound_holds_and_solution_is_feasible_on_random_problems(d_L
     else:
         meas = Entries.uniform(n, (d_L, d_0), generator=g)
     b = meas.predict(M)
-    X, report = nuclear_norm_first_order(meas, b, (d_L, d_0))
+    X, report = nuclear_norm_first_order(meas, b, (d_L, d_0), relaxation=relaxation, check_every=check_every)
     assert_certificate(meas, b, X, report, (d_L, d_0))
     assert report["converged"], report
     # the planted M is feasible, so the optimum, and with it the certified bound, is at most ‖M‖_*
     assert report["lower_bound"] <= nuclear(M) * (1 + 1e-12)
     assert report["nuclear_norm"] <= nuclear(M) * (1 + 2 * TOL)
+
+
+def test_the_convex_baseline_is_cvxpy_up_to_its_size_and_admm_beyond_with_the_same_optimum(monkeypatch):
+    from flatkern.experiments import baselines
+    from flatkern.experiments.recovery import RecoverySettings, make_problem, run_nuclear_norm
+
+    settings = RecoverySettings(d=8, rank=1)
+    M, meas, b = make_problem("completion", 40, 0, settings)
+    assert baselines.convex_solver((50, 50)) == "cvxpy" and baselines.convex_solver((51, 20)) == "admm"
+    X_cvxpy, status = baselines.nuclear_norm_solution(meas, b, (8, 8), return_status=True)
+    monkeypatch.setattr(baselines, "CVXPY_MAX_SIZE", 7)
+    X_admm, status_admm = baselines.nuclear_norm_solution(meas, b, (8, 8), return_status=True)
+    assert status_admm == "optimal"
+    nuc = lambda X: float(torch.linalg.matrix_norm(X, ord="nuc"))  # noqa: E731
+    assert abs(nuc(X_admm) - nuc(X_cvxpy)) <= 1e-6 * nuc(X_cvxpy)
+    (record,) = run_nuclear_norm("completion", 40, 0, settings)
+    assert record["solver"] == "admm" and record["solver_status"] == "optimal"

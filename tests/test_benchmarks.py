@@ -404,3 +404,13 @@ def test_batched_family_floors_do_the_products_they_count(family, L, per_problem
         with CountMatmul():
             floors.trace_products(ws)
         assert CountMatmul.count == 12 == floors.family_product_count(fk_families.ISOTROPIC, 4)
+
+
+def test_the_sweeps_benchmark_compares_equal_records_and_equal_predictions():
+    from flatkern.benchmarks import sweeps
+    from flatkern.experiments.recovery import RecoverySettings
+
+    r = sweeps.compare(("completion", 6, 1, 14, 2), (0, 1), RecoverySettings(steps=8, polish_steps=2), rounds=1)
+    assert r["separate"] > 0 and r["batched"] > 0 and r["difference"] < 1e-12
+    r = sweeps.dense_predict(9, 4, 2, rounds=1)
+    assert r["flatkern"] > 0 and r["einsum"] > 0 and r["difference"] < 1e-14

@@ -276,15 +276,18 @@ def test_torchrun_two_processes_write_the_same_results(quick_run, tmp_path):
     assert "on 2 worker processes" in (tmp_path / "summary.md").read_text()
 
 
-# a grid of one's own (issue 20 §2): two sizes of the recovery experiments, and the new trajectory methods
+# a grid of one's own (issue 20 §2): two sizes of the recovery experiments, two seeds (trained as one batch: issue
+# 21 §4), and the new trajectory methods
 CUSTOM_GRID = """preset = "quick"
 experiments = ["sensing", "completion", "trajectory"]
 sizes = [5, 6]
 ranks = [1]
 ns = [24]
 depths = [2]
+seeds = [0, 1]
 [trajectory]
 sizes = [5]
+seeds = [0]
 """
 
 
@@ -307,6 +310,8 @@ def test_a_grid_file_run_is_the_same_on_one_process_and_under_torchrun(tmp_path)
                                                                 ("completion", 6), ("trajectory", 5)}
     assert {r["method"] for r in records if r["experiment"] == "trajectory"} == {
         "gd", "label_noise_sgd", "sam", "one_sam", "flatness"}
+    assert {(r["seed"], r["method"]) for r in records if r["experiment"] == "completion" and r["depth"] == 2} == {
+        (seed, m) for seed in (0, 1) for m in ("gd", "gd_small_init", "label_noise", "flatness", "flattest_solution")}
     summary = (tmp_path / "one" / "summary.md").read_text()
     assert "grid `quick, custom`" in summary and "### 5 × 5, rank 1" in summary and "### 6 × 6, rank 1" in summary
     assert f"--grid-file {grid}" in summary  # the command that reruns (and resumes) this grid

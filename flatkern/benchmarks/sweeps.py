@@ -10,7 +10,11 @@ alternating rounds, and checks that the records agree:
 
     python bench/bench_sweeps.py            # the --full settings (2000 + 500 steps), 3 seeds
     python bench/bench_sweeps.py --quick    # 300 + 100 steps
-    python bench/bench_sweeps.py --only completion
+    python bench/bench_sweeps.py --only completion   # (no Dense.predict table)
+
+A second table times ``Dense.predict`` (the products with the ``n`` sensing
+matrices every step of Gaussian sensing makes) against ``torch.einsum`` over
+``Dense.A``, what plain PyTorch writes, at the ``--full`` sizes.
 
 Columns: CPU seconds of the seeds one by one and batched (median over rounds),
 their ratio (median of the per-round ratios), and the largest difference of a
@@ -67,6 +71,35 @@ def compare(case: tuple, seeds: tuple, settings: RecoverySettings, rounds: int) 
                 difference=_largest_difference(separate, batched))
 
 
+# (n, d, problems sharing the set): Dense.predict's forward and backward at the --full sizes
+DENSE_CASES = ((2000, 100, 3), (5000, 100, 3), (5000, 100, 1), (200, 20, 3))
+
+
+def dense_predict(n: int, d: int, batch: int, rounds: int) -> dict:
+    """CPU seconds of ``Dense.predict`` (forward and backward to ``E``) and of ``torch.einsum`` over ``Dense.A``
+    (what plain PyTorch writes: ``<A_i, E>`` as an einsum), medians over interleaved rounds of 5 calls each, and
+    their largest difference relative to the largest prediction."""
+    from ..measurements import Dense
+
+    g = torch.Generator().manual_seed(0)
+    meas = Dense(torch.randn(n, d, d, generator=g, dtype=torch.float64))
+    E = torch.randn(batch, d, d, generator=g, dtype=torch.float64, requires_grad=True)
+    providers = {"flatkern": lambda: meas.predict(E), "einsum": lambda: torch.einsum("...ab,nab->...n", E, meas.A)}
+    times = {k: [] for k in providers}
+    for _ in range(rounds + 1):  # the first round warms up
+        for k, f in providers.items():
+            t = time.thread_time()
+            for _ in range(5):
+                f().sum().backward()
+            times[k].append((time.thread_time() - t) / 5)
+    with torch.no_grad():
+        ours, theirs = providers["flatkern"](), providers["einsum"]()
+    difference = float((ours - theirs).abs().max() / theirs.abs().max())
+    return dict(flatkern=statistics.median(times["flatkern"][1:]), einsum=statistics.median(times["einsum"][1:]),
+                ratio=statistics.median(a / b for a, b in zip(times["einsum"][1:], times["flatkern"][1:])),
+                difference=difference)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line (``argv``: the options, default ``sys.argv[1:]``); prints the table, returns 0."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         r = compare(case, seeds, settings, rounds)
         print(f"| {row} | {depth} | {r['separate']:.2f} | {r['batched']:.2f} | {r['ratio']:.2f}x | {r['difference']:.1e} |",
               flush=True)
+    if args.only:
+        return 0
+    print("\n`Dense.predict`, forward and backward to E, against `torch.einsum('...ab,nab->...n', E, A)` "
+          "(ms, medians over rounds of 5 calls):\n")
+    print("| n | d | problems | einsum (ms) | flatkern (ms) | einsum / flatkern | largest difference |")
+    print("|---|---|---|---|---|---|---|")
+    for n, d, batch in DENSE_CASES:
+        r = dense_predict(n, d, batch, max(rounds, 3))
+        print(f"| {n} | {d} | {batch} | {1e3 * r['einsum']:.1f} | {1e3 * r['flatkern']:.1f} | {r['ratio']:.2f}x | "
+              f"{r['difference']:.1e} |", flush=True)
     return 0
 
 

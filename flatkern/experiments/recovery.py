@@ -24,7 +24,8 @@ Methods (one record each):
   ``Isotropic`` trace among those that fit the measurements exactly (a constrained
   solve, not training).  For any measurements that problem *is* the convex program
   lifted (docs/MATH.md), so its nuclear norm equals ``nuclear_norm``'s at every ``n``.
-- ``nuclear_norm``: the convex program ``min ‖X‖_* s.t. A(X) = b`` (cvxpy);
+- ``nuclear_norm``: the convex program ``min ‖X‖_* s.t. A(X) = b`` (cvxpy up to
+  50 × 50, ADMM with a certified duality gap beyond: ``baselines.nuclear_norm_solution``);
   it has no depth (``depth`` is null in its record).
 
 The four network methods of a problem size, ``n`` and depth run as one task for
@@ -48,7 +49,7 @@ from ..ops import end_to_end, hessian_trace
 from ..theory import flatness_lower_bound
 from .base import (COMMON_FIELDS, INT, NUMBER, OPTIONAL_NUMBER, STYLE, Experiment, budget_lines, figure_legend, fmt, gap,
                    mean, pyplot, seeds_phrase, suptitle, swept_problems, within_budget)
-from .baselines import nuclear_norm_solution
+from .baselines import convex_solver, nuclear_norm_solution
 from .training import kernel_norm, standard_init, train_flatness, train_gd
 
 __all__ = ["RecoverySettings", "RecoveryGrid", "RecoveryTask", "SENSING", "COMPLETION", "make_problem", "run_networks",
@@ -235,7 +236,7 @@ def run_nuclear_norm(experiment: str, n: int, seed: int, settings: RecoverySetti
     M, meas, b = make_problem(experiment, n, seed, settings)
     X, status = nuclear_norm_solution(meas, b, tuple(M.shape), return_status=True)
     return [dict(experiment=experiment, method="nuclear_norm", depth=None, n=n, seed=seed, d=settings.d, rank=settings.rank,
-                 solver_status=status,
+                 solver=convex_solver(tuple(M.shape)), solver_status=status,
                  **metrics(None, X, M, meas, b, None, "torch"))]
 
 
@@ -283,19 +284,33 @@ _FULL_NS = (60, 80, 100, 120, 140, 160, 180, 200)
 def convex_cost(dense: bool, d: int, n: int) -> float:
     """Estimated seconds (one thread) of ``nuclear_norm_solution`` for a ``d × d`` ``X`` and ``n`` measurements.
 
-    Clarabel's SDP, measured on one thread of a loaded machine: 3-4 s at d = 20 (n <= 200); Gaussian sensing
-    76 s at d = 50, n = 500 and 209 s at n = 1000 (``(n d²)^1.46``); completion 34 s at d = 40, n = 320 and
-    218 s at d = 60, n = 720 (``d^4.6``; its n matters little).
+    Clarabel's SDP (``baselines.convex_solver``: up to 50 × 50), measured on one thread of a loaded machine:
+    3-4 s at d = 20 (n <= 200); Gaussian sensing 76 s at d = 50, n = 500 and 209 s at n = 1000 (``(n d²)^1.46``);
+    completion 34 s at d = 40, n = 320 and 218 s at d = 60, n = 720 (``d^4.6``; its n matters little).  ADMM
+    (beyond), at 100 × 100 rank 5: completion 1.1 ms an iteration, sensing the n × n Gram and its inverse
+    (1.1 s at n = 2000, 8.1 s at n = 5000) then 17-42 ms an iteration (~8.5e-10 s per n d²); 50-1500
+    iterations (the most near the recovery threshold), 2000 assumed.
     """
+    if convex_solver((d, d)) == "admm":
+        iterations = 2000
+        if dense:
+            return 2.8e-11 * n * n * d * d + 8.5e-10 * n * d * d * iterations
+        return 1.1e-3 * (d / 100) ** 2 * iterations
     if dense:
         return max(3.5, 209.0 * (n * d * d / 2.5e6) ** 1.46)
     return max(3.5, 218.0 * (d / 60) ** 4.6)
 
 
-def convex_memory_gb(d: int) -> float:
-    """Estimated peak memory (GB) of ``nuclear_norm_solution`` for a ``d × d`` ``X``: Clarabel factors a dense block
-    of the ``2d × 2d`` PSD cone's ``m = d(2d + 1)`` entries, ``m²`` of them.  Measured: completion at d = 100,
-    n = 2000 passed 20 GB and was killed by the kernel's OOM killer on a 23 GB machine (50 bytes per ``m²``)."""
+def convex_memory_gb(dense: bool, d: int, n: int) -> float:
+    """Estimated peak memory (GB) of ``nuclear_norm_solution`` for a ``d × d`` ``X`` and ``n`` measurements.
+
+    cvxpy: Clarabel factors a dense block of the ``2d × 2d`` PSD cone's ``m = d(2d + 1)`` entries, ``m²`` of
+    them (measured: completion at d = 100, n = 2000 passed 20 GB and was killed by the kernel's OOM killer on a
+    23 GB machine; 50 bytes per ``m²``).  ADMM: a copy of the ``n`` sensing matrices and the ``n × n`` Gram's
+    inverse, ``8 (n d² + 2 n²)`` bytes (measured 1.0 GB at n = 5000), plus torch's 0.3 GB.
+    """
+    if convex_solver((d, d)) == "admm":
+        return (8e-9 * (n * d * d + 2 * n * n) if dense else 0.0) + 0.3
     return 50e-9 * (d * (2 * d + 1)) ** 2
 
 
@@ -341,7 +356,7 @@ class Recovery(Experiment):
 
     def memory_gb(self, task: RecoveryTask, s: RecoveryGrid) -> float:
         if task.kind == "nuclear_norm":
-            return convex_memory_gb(task.d)
+            return convex_memory_gb(self.name == "sensing", task.d, task.n)
         return 8e-9 * task.n * task.d**2 * (3 if self.name == "sensing" else 0) + 0.3  # Dense A and its copies
 
     def sweep(self, s: RecoveryGrid, axes: dict) -> RecoveryGrid:
@@ -368,9 +383,9 @@ class Recovery(Experiment):
         # seed (three seeds batched: 1.2-2.3x one seed), a sensing solve 0.5-1 s, a completion solve (to its
         # iteration cap) 7-10 s.  At 100 × 100: completion, a step of the four networks 2-4.5 ms (the small-d cost
         # is overhead, not flops), a solve's inner iteration 3.2 ms × L; Gaussian sensing, a step of the four
-        # networks 37 ms at n = 2000, L = 2 and 158 ms at n = 5000, L = 4 over 30 steps, 66 ms at n = 2000 over a
-        # whole task (171 s; the products with the Dense A, ~3e-9 s (1 + (L - 2)/4) per n d²), after 5-24 s for
-        # the n × n Gram of kernel_norm and the records' exact traces;
+        # networks 37 ms at n = 2000, L = 2 and 158 ms at n = 5000, L = 4 over 30 steps; whole tasks (2500 steps,
+        # one seed) 171 s at n = 2000, L = 2 and 429 s at n = 5000, L = 4: the products with the Dense A, ~3e-9 s
+        # per n d² whatever the depth, after 5-24 s for the n × n Gram of kernel_norm and the records' traces;
         # a solve's inner iteration 21 ms at n = 2000, L = 2 and 52 ms at n = 5000, L = 4, and a solve runs to its
         # iteration cap (4742 iterations, 117 s at n = 2000, L = 2)
         p, d, n = s.problem, task.d, task.n
@@ -385,7 +400,7 @@ class Recovery(Experiment):
             # 100 × 100 and for sensing, whose batch reads each seed's own Dense set)
             seeds = len(task.seeds)
             overhead = 2.5e-3 * (1 + task.depth / 4)
-            work = overhead * (max(1.0, d / 60) - 1) + (3e-9 * n * d * d * chain if dense else 0.0)
+            work = overhead * (max(1.0, d / 60) - 1) + (3e-9 * n * d * d if dense else 0.0)
             fixed = 8e-11 * n * n * d * d + 2e-10 * n * d**3 * task.depth if dense else 0.0
             shared = 1 + 0.4 * (seeds - 1) if batches_seeds(self.name, d, n) and not dense else seeds
             return (overhead * shared + work * seeds) * steps + fixed * seeds
@@ -443,7 +458,7 @@ class Recovery(Experiment):
             f"## {self.name}: {self.title}, relative recovery error ‖E − M*‖_F / ‖M*‖_F",
             "",
             f"{over}`nuclear_norm` is the convex program `min ‖X‖_* s.t. A(X) = b` "
-            "(cvxpy + Clarabel); it has no depth. `flattest_solution` is the factorization of least `Isotropic` "
+            "(cvxpy + Clarabel; beyond 50 × 50, ADMM with its duality gap certified to 1e-7); it has no depth. `flattest_solution` is the factorization of least `Isotropic` "
             "trace that fits the measurements exactly (`flatkern.flattest_solution`). `flatness` trains with "
             + regularizer,
             "",

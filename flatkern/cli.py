@@ -351,7 +351,8 @@ def _reproduce(args, *, program: bool = False) -> int:
             summary = experiments.write_results(run.records, args.out, grid=grid.name, seconds=run.seconds,
                                                 command=command, processes=run.processes, resumed=run.resumed,
                                                 task_seconds=run.task_seconds, experiments=[e for e, _ in grid.parts],
-                                                settings={e.name: settings for e, settings in grid.parts})
+                                                settings={e.name: settings for e, settings in grid.parts},
+                                                by_experiment=run.by_experiment)
             remove_journals(args.out)
     except JournalError as exc:
         if rank == 0:

@@ -238,3 +238,14 @@ def test_the_journal_refuses_a_batched_task_s_records_in_another_seed_order():
     entry["records"] = entry["records"][4:] + entry["records"][:4]
     assert "its records have seeds [1, 1, 1, 1, 0, 0, 0, 0], the task writes [0, 0, 0, 0, 1, 1, 1, 1]" in \
         _problem(entry, task, SENSING)
+
+
+def test_the_summary_says_where_the_time_went_against_the_cost_model():
+    from flatkern.experiments.report import summary_markdown
+
+    text = summary_markdown([], grid="g", seconds=3.0, command="flatkern reproduce", processes=1, experiments=[],
+                            by_experiment={"sensing": (4, 30.0, 60.0), "digits": (2, 10.0, 5.0)})
+    assert "## Where the time went" in text
+    assert "| sensing | 4 | 30 | 75% | 60 | 0.50 |" in text and "| digits | 2 | 10 | 25% | 5 | 2.00 |" in text
+    assert "| all | 6 | 40 | 100% | 65 | 0.62 |" in text
+    assert "Where the time went" not in summary_markdown([], grid="g", seconds=3.0, command="c", processes=1, experiments=[])

@@ -314,6 +314,10 @@ def test_a_grid_file_run_is_the_same_on_one_process_and_under_torchrun(tmp_path)
         (seed, m) for seed in (0, 1) for m in ("gd", "gd_small_init", "label_noise", "flatness", "flattest_solution")}
     summary = (tmp_path / "one" / "summary.md").read_text()
     assert "grid `quick, custom`" in summary and "### 5 × 5, rank 1" in summary and "### 6 × 6, rank 1" in summary
+    # where the time went: every task counted once, whichever rank ran it
+    rows = [[line.split("|")[1:3] for line in (tmp_path / run / "summary.md").read_text().splitlines()
+             if line.startswith("| ") and line.count("|") == 7 and "%" in line] for run in ("one", "two")]
+    assert [r[0].strip() for r in rows[0]] == ["sensing", "completion", "trajectory", "all"] and rows[0] == rows[1]
     assert f"--grid-file {grid}" in summary  # the command that reruns (and resumes) this grid
 
 

@@ -8,6 +8,7 @@ says (records, wall time, solves that did not converge) and writes the files.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def _by_experiment(records: list[dict], among=None) -> list[tuple]:
 
 
 def summary_markdown(records: list[dict], *, grid: str, seconds: float, command: str, processes: int, resumed: int = 0,
-                     task_seconds: float | None = None, experiments=None, settings: dict | None = None) -> str:
+                     task_seconds: float | None = None, experiments=None, settings: dict | None = None,
+                     by_experiment: dict | None = None) -> str:
     """The tables of the run, in markdown.
 
     ``experiments``: the ``Experiment`` objects of the run's grid, in order (default: the registry's).
@@ -89,7 +91,9 @@ def summary_markdown(records: list[dict], *, grid: str, seconds: float, command:
     the grid left out as unaffordable) follows its section.
     ``processes``: the worker processes that ran tasks (over every rank);
     ``resumed``: tasks whose records an earlier, interrupted run computed;
-    ``task_seconds``: the tasks' own wall time, summed over the workers.
+    ``task_seconds``: the tasks' own wall time, summed over the workers;
+    ``by_experiment``: ``{experiment: (tasks, their seconds, the cost model's estimate)}`` (``Run.by_experiment``),
+    the table of where the time went.
     """
     plural = "es" if processes != 1 else ""
     lines = [
@@ -121,6 +125,7 @@ def summary_markdown(records: list[dict], *, grid: str, seconds: float, command:
             lines += experiment.summary_section(mine) + note
         elif note:  # every task of it left out: say so rather than say nothing
             lines += [f"## {experiment.name}: not run", ""] + note
+    lines += _where_the_time_went(by_experiment or {})
     lines += [
         f"Every record (per seed and method, with every quantity measured) is in `results.json`, each number to "
         f"{DIGITS} significant digits ({TINY_DIGITS} below {TINY:g}; the digits every backend agrees on); the tables "
@@ -129,6 +134,25 @@ def summary_markdown(records: list[dict], *, grid: str, seconds: float, command:
         "",
     ]
     return "\n".join(lines)
+
+
+def _where_the_time_went(by_experiment: dict) -> list[str]:
+    """The summary's table of task seconds per experiment against the cost model's estimates (``Experiment.cost``:
+    seconds on one idle thread), which order the tasks and drive the progress bar."""
+    if not by_experiment:
+        return []
+    total = sum(seconds for _, seconds, _ in by_experiment.values())
+    lines = ["## Where the time went", "",
+             "Task seconds (each task on one thread, summed over the workers; a resumed task with the seconds its "
+             "journal holds) per experiment, against the cost model's estimate (`Experiment.cost`, one idle thread):",
+             "", "| experiment | tasks | task seconds | share | estimated | measured / estimated |", "|---|---|---|---|---|---|"]
+    for name, (count, seconds, estimate) in by_experiment.items():
+        lines.append(f"| {name} | {count} | {seconds:.0f} | {seconds / total if total else 0.0:.0%} | {estimate:.0f} | "
+                     f"{seconds / estimate if estimate else math.nan:.2f} |")
+    estimate = sum(e for _, _, e in by_experiment.values())
+    lines += [f"| all | {sum(c for c, _, _ in by_experiment.values())} | {total:.0f} | 100% | {estimate:.0f} | "
+              f"{total / estimate if estimate else math.nan:.2f} |", ""]
+    return lines
 
 
 def figure_of(records: list[dict], experiment: str):
@@ -143,7 +167,8 @@ def _save(fig, path: Path) -> None:
 
 
 def write_results(records: list[dict], out: Path, *, grid: str, seconds: float, command: str, processes: int, resumed: int = 0,
-                  task_seconds: float | None = None, experiments=None, settings: dict | None = None) -> str:
+                  task_seconds: float | None = None, experiments=None, settings: dict | None = None,
+                  by_experiment: dict | None = None) -> str:
     """Write the figures, ``summary.md``, ``timings.json`` and, last, ``results.json`` into ``out``; return the summary.
 
     Each file is written to a temporary name and renamed over the old one, and
@@ -153,12 +178,13 @@ def write_results(records: list[dict], out: Path, *, grid: str, seconds: float, 
     (``results_of``), so it is the same on every run of a grid, on every backend;
     the wall times go to ``timings.json``, and the summary and figures are drawn
     from the records at full precision.
-    ``experiments``: the grid's ``Experiment`` objects, in order (default: the registry's); ``settings``: as
-    ``summary_markdown``'s.
+    ``experiments``: the grid's ``Experiment`` objects, in order (default: the registry's); ``settings`` and
+    ``by_experiment``: as ``summary_markdown``'s.
     """
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_markdown(records, grid=grid, seconds=seconds, command=command, processes=processes, resumed=resumed,
-                               task_seconds=task_seconds, experiments=experiments, settings=settings)
+                               task_seconds=task_seconds, experiments=experiments, settings=settings,
+                               by_experiment=by_experiment)
     figures = []
     for experiment, mine in _by_experiment(records, experiments):
         fig = experiment.figure(mine) if experiment.figure_name else None

@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -50,6 +50,9 @@ class Run:
     tasks: int           # tasks in the grid
     resumed: int         # tasks whose records came from an earlier run's journal
     task_seconds: float  # compute time of the tasks run here (sum over workers)
+    # where the time went: {experiment: (tasks, their seconds, the cost model's estimate)}, every task of the grid
+    # (a resumed task with the seconds its journal line holds)
+    by_experiment: dict = field(default_factory=dict)
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -311,6 +314,7 @@ def run_grid(
             raise JournalError(plan["error"])
         kept = dict.fromkeys(plan["done"])
     cost_ms = [max(1, round(1000 * task_cost(task, grid))) for task in tasks]
+    seconds_of = {i: entry.get("seconds") for i, entry in kept.items() if isinstance(entry, dict)}
     remaining = sorted((i for i in range(len(tasks)) if i not in kept), key=lambda i: -cost_ms[i])
     shared = _Ranks(store) if store is not None else _Local()
     journal = Journal(out, rank, grid, tasks, backend, command) if out is not None else None
@@ -342,6 +346,7 @@ def run_grid(
                             journal.append(index, tasks[index], records, seconds)
                         done[index] = records
                     task_seconds += seconds
+                    seconds_of[index] = seconds
                     count += 1
                     cost += cost_ms[index]
                 if rank == 0 or count:
@@ -350,7 +355,8 @@ def run_grid(
                 pool.close(terminate=False)
             processes = len(pool.used) if pool is not None else 0
             if store is not None:
-                payload = {"done": {str(i): r for i, r in done.items()}, "processes": processes, "task_seconds": task_seconds}
+                payload = {"done": {str(i): r for i, r in done.items()}, "processes": processes, "task_seconds": task_seconds,
+                           "seconds": {str(i): seconds_of[i] for i in done}}
                 if rank != 0:
                     store.set(f"records/{rank}", json.dumps(payload))
                     return Run(None, time.perf_counter() - start, processes, len(tasks), len(kept), task_seconds)
@@ -363,6 +369,7 @@ def run_grid(
                     done.update({int(i): r for i, r in part["done"].items()})
                     processes += part["processes"]
                     task_seconds += part["task_seconds"]
+                    seconds_of.update({int(i): x for i, x in part["seconds"].items()})
     except BaseException:
         if pool is not None:
             pool.close(terminate=True)
@@ -377,4 +384,8 @@ def run_grid(
     if missing:
         raise RuntimeError(f"tasks {missing[:10]} have no records (lost by a rank?)")
     records = [r for i in range(len(tasks)) for r in done[i]]
-    return Run(records, time.perf_counter() - start, processes, len(tasks), len(kept), task_seconds)
+    by_experiment: dict = {}
+    for i, task in enumerate(tasks):
+        count, seconds, estimate = by_experiment.get(task.experiment, (0, 0.0, 0.0))
+        by_experiment[task.experiment] = (count + 1, seconds + float(seconds_of.get(i) or 0.0), estimate + cost_ms[i] / 1000)
+    return Run(records, time.perf_counter() - start, processes, len(tasks), len(kept), task_seconds, by_experiment)

@@ -341,6 +341,10 @@ class RankOne(Measurements):
         return f"RankOne(n={self.n}, d_L={self.u.shape[-1]}, d_0={self.v.shape[-1]}{_batch_note(self.batch_shape)})"
 
 
+# Dense.predict's einsum over the transposed view below this many entries of A, its per-row products above
+_DENSE_EINSUM_MAX = 800_000
+
+
 class Dense(Measurements):
     """General sensing with dense matrices ``A`` of shape ``(n, d_L, d_0)``; predictions ``<A_i, E>``.
 
@@ -401,8 +405,13 @@ class Dense(Measurements):
 
     def predict(self, E):
         # Σ_a (Ap[a] @ E[a, :]): per row a of E, one product with the contiguous (n, d_0) block Ap[a], which
-        # reads the private copy once in its own layout.  An einsum over the view A made a strided copy of
-        # all n d_L d_0 entries per call and its backward, ~4x the time at d = 100, n = 2000.
+        # reads the private copy once in its own layout.  An einsum over the view A makes a strided copy of
+        # all n d_L d_0 entries per call and in its backward: 4-7x the time at d = 100, n = 2000-5000, but
+        # faster while that copy stays in cache (0.75-0.9x below 4e5 entries, 1.2x above 1.2e6;
+        # bench/bench_sweeps.py)
+        if self.A.numel() < _DENSE_EINSUM_MAX:
+            spec = "...ab,...nab->...n" if self.batch_shape else "...ab,nab->...n"
+            return torch.einsum(spec, E, self.A)
         if self.batch_shape:
             return (self._Ap @ E.unsqueeze(-1)).squeeze(-1).sum(-2)
         lead = E.shape[:-2]

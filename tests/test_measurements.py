@@ -215,3 +215,28 @@ def test_entries_uniform_checks_shape_and_the_number_of_distinct_entries():
         fk.Entries.uniform(7, (D_L, D_0))
     assert fk.Entries.uniform(7, (D_L, D_0), replace=True).n == 7
     assert fk.Entries.uniform(np.int64(6), (np.int64(D_L), D_0)).n == 6  # every entry once
+
+
+@pytest.mark.parametrize("einsum_max", [0, 10**9], ids=["per-row products", "einsum"])
+@pytest.mark.parametrize("shape_A, shape_E", [
+    ((7, 4, 5), (4, 5)), ((7, 4, 5), (3, 2, 4, 5)), ((7, 4, 5), (0, 4, 5)), ((1, 1, 3), (2, 1, 3)),
+    ((3, 7, 4, 5), (3, 4, 5)), ((2, 3, 7, 4, 5), (2, 3, 4, 5)),
+])
+def test_dense_predict_both_ways_is_the_definition_and_its_gradient(monkeypatch, einsum_max, shape_A, shape_E):
+    # Dense.predict reads its private (d_L, n, d_0) copy by per-row products above _DENSE_EINSUM_MAX entries and
+    # einsums over the view below it: both are <A_i, E>, in value and gradient
+    from flatkern import measurements
+
+    monkeypatch.setattr(measurements, "_DENSE_EINSUM_MAX", einsum_max)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(*shape_A, generator=g, dtype=torch.float64)
+    E = torch.randn(*shape_E, generator=g, dtype=torch.float64, requires_grad=True)
+    expected = (A * E.unsqueeze(-3)).sum((-2, -1))  # <A_i, E>, broadcast over the batches
+    got = fk.Dense(A).predict(E)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    if E.numel():
+        w = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+        (grad,) = torch.autograd.grad((got * w).sum(), E)
+        (want,) = torch.autograd.grad((expected * w).sum(), E)
+        torch.testing.assert_close(grad, want, rtol=1e-13, atol=1e-13)

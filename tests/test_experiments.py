@@ -249,3 +249,62 @@ def test_the_summary_says_where_the_time_went_against_the_cost_model():
     assert "| sensing | 4 | 30 | 75% | 60 | 0.50 |" in text and "| digits | 2 | 10 | 25% | 5 | 2.00 |" in text
     assert "| all | 6 | 40 | 100% | 65 | 0.62 |" in text
     assert "Where the time went" not in summary_markdown([], grid="g", seconds=3.0, command="c", processes=1, experiments=[])
+
+
+def test_the_summary_names_a_convex_solve_that_stopped_short_and_counts_only_flattest_solves():
+    from flatkern.experiments.report import solve_lines
+
+    records = [dict(experiment="sensing", method="nuclear_norm", d=100, n=2000, seed=1, solver_status="optimal_inaccurate"),
+               dict(experiment="sensing", method="nuclear_norm", d=100, n=3000, seed=0, solver_status="optimal"),
+               dict(experiment="training_trace", method="nuclear_norm", d=20, n=80, seed=0, solver_status="optimal",
+                    converged=True),
+               dict(experiment="sensing", method="flattest_solution", d=100, n=2000, seed=0, converged=True,
+                    solve_seconds=2.0)]
+    text = "\n".join(solve_lines(records))
+    assert "**1 convex solves stopped short of their optimality test**" in text and "sensing 100×100 n=2000 seed 1" in text
+    assert "`flattest_solution` ran 1 solves" in text
+    records[0]["solver_status"] = "optimal"
+    assert "stopped short" not in "\n".join(solve_lines(records))
+
+
+def test_nuclear_norm_solution_says_when_admm_stopped_at_its_cap(monkeypatch):
+    from flatkern.experiments import baselines
+    from flatkern.experiments.recovery import RecoverySettings, make_problem
+
+    M, meas, b = make_problem("completion", 30, 0, RecoverySettings(d=8, rank=1))
+    monkeypatch.setattr(baselines, "CVXPY_MAX_SIZE", 7)
+    first_order = baselines.nuclear_norm_first_order
+    monkeypatch.setattr(baselines, "nuclear_norm_first_order",
+                        lambda *args, **kw: first_order(*args, **{**kw, "max_iterations": 3}))
+    X, status = baselines.nuclear_norm_solution(meas, b, (8, 8), return_status=True)
+    assert status == "optimal_inaccurate" and X.shape == (8, 8)
+
+
+def test_train_gd_refuses_generators_that_do_not_split_the_batch():
+    from flatkern.experiments.training import standard_init, train_gd
+    from flatkern.measurements import Entries
+
+    meas = Entries.uniform(10, (4, 4), generator=torch.Generator().manual_seed(0))
+    W = standard_init([4, 4, 4], batch=(4,))
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    with pytest.raises(ValueError, match="3 generators must split the noisy targets' leading dimension evenly"):
+        train_gd(W, meas, torch.zeros(10, dtype=torch.float64), steps=1, label_noise=torch.ones(4, dtype=torch.float64),
+                 generator=gens, backend="torch")
+
+
+@pytest.mark.parametrize("backend, regularizer", [("auto", "isotropic"), ("torch", "train")])
+def test_batched_seeds_equal_separate_runs_on_the_compiled_kernels_and_with_the_training_trace(backend, regularizer):
+    # what reproduce runs (backend auto: the C++ kernels with per-problem measurements), and the regularizer that is
+    # the stacked per-problem Dense set itself
+    from dataclasses import replace
+
+    from flatkern.experiments.recovery import RecoverySettings, run_networks
+
+    s = replace(RecoverySettings(d=5, rank=1, steps=30, polish_steps=10), sensing_regularizer=regularizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        separate = [r for seed in (0, 1) for r in run_networks("sensing", 2, 12, seed, s, backend)]
+        _float_fields_agree(separate, run_networks("sensing", 2, 12, (0, 1), s, backend))
+    finally:
+        torch.set_num_threads(threads)

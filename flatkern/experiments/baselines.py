@@ -330,9 +330,12 @@ def _admm(con: _Affine, tol: float, max_iterations: int, rho: float | None, chec
         if iterations % check_every == 0 or iterations == max_iterations:
             # w belongs to this U (before any rescaling below); the bound is invariant to w's scale
             Zc, report = certificate(Z, w)
-            if best is None or report["gap"] < best[1]["gap"]:
+            # the best so far: a feasible iterate before an infeasible one, then the smaller gap
+            rank = (report["feasibility"] > FEASIBILITY_TOL, report["gap"])
+            if best is None or rank < (best[1]["feasibility"] > FEASIBILITY_TOL, best[1]["gap"]):
                 best = (Zc, report)
             if report["gap"] <= tol and report["feasibility"] <= FEASIBILITY_TOL:
+                best = (Zc, report)
                 break
         primal = float((X - Z).norm())
         dual = rho * float((Z - Z_prev).norm())

@@ -43,7 +43,8 @@ from pathlib import Path
 __all__ = ["JournalError", "fingerprint", "journal_name", "read_journals", "check_out", "prepare", "Journal", "OutLock",
            "remove_journals", "atomic_write", "checksum", "LOCK_NAME"]
 
-_VERSION = 2
+# 3: recovery tasks hold their seeds (a tuple: networks batched), and their order changed
+_VERSION = 3
 LOCK_NAME = ".flatkern-reproduce.lock"
 
 

@@ -31,8 +31,9 @@ Methods (one record each):
 The four network methods of a problem size, ``n`` and depth run as one task for
 every seed of the grid: the seeds' problems, each with its own measurements,
 step sizes and random numbers, stacked into one batch (``run_networks``), which
-gives each seed's records up to float rounding (``tests/test_experiments.py``)
-in about half the time for completion (``bench/bench_sweeps.py``).
+gives each seed's records up to float rounding (``tests/test_experiments.py``),
+2.0-2.2x faster for three seeds of 20 × 20 completion, 1.2-1.4x for 20 × 20
+sensing and 1.1-1.2x at 100 × 100 (``bench/bench_sweeps.py``).
 """
 
 from __future__ import annotations
@@ -336,12 +337,15 @@ class Recovery(Experiment):
 
     def all_tasks(self, s: RecoveryGrid) -> list[RecoveryTask]:
         """Every task of the sweep, affordable or not: per ``(d, rank, n)``, the networks at each depth (every seed in
-        one task: ``run_networks`` batches them), then per seed the convex program and the flattest solutions."""
+        one task where ``run_networks`` batches them, ``batches_seeds``), then per seed the convex program and the
+        flattest solutions."""
         tasks = []
         for d, rank, ns in s.sizes():
             for n in ns:
+                # the seeds as one batch where that saves time; else one task each (spread over the workers)
+                batches = [tuple(s.seeds)] if batches_seeds(self.name, d, n) else [(seed,) for seed in s.seeds]
                 for depth in s.depths:
-                    tasks.append(RecoveryTask(self.name, "networks", d, rank, depth, n, tuple(s.seeds)))
+                    tasks += [RecoveryTask(self.name, "networks", d, rank, depth, n, seeds) for seeds in batches]
                 for seed in s.seeds:
                     tasks.append(RecoveryTask(self.name, "nuclear_norm", d, rank, None, n, (seed,)))
                     for depth in s.depths:
@@ -396,8 +400,8 @@ class Recovery(Experiment):
         chain = 1 + (task.depth - 2) / 4
         if task.kind == "networks":
             # a step's Python and dispatch (the first term) is shared by a batch of seeds; its products are not
-            # (bench/bench_sweeps.py: three seeds batched 2.0-2.1x faster for completion at 20 × 20, 1.0-1.2x at
-            # 100 × 100 and for sensing, whose batch reads each seed's own Dense set)
+            # (bench/bench_sweeps.py: three seeds batched 2.0-2.2x faster for completion at 20 × 20, 1.1-1.2x at
+            # 100 × 100, 1.2-1.4x for sensing, whose batch reads each seed's own Dense set)
             seeds = len(task.seeds)
             overhead = 2.5e-3 * (1 + task.depth / 4)
             work = overhead * (max(1.0, d / 60) - 1) + (3e-9 * n * d * d if dense else 0.0)

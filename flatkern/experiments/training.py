@@ -111,7 +111,7 @@ def train_gd(
     sam: float = 0.0,
     momentum: float = 0.9,
     generator=None,
-    kappa: float | None = None,
+    kappa: float | torch.Tensor | None = None,
     backend: str = "auto",
     callback=None,
 ) -> list[torch.Tensor]:
@@ -119,7 +119,7 @@ def train_gd(
 
     Args:
         weights: ``[W_1, ..., W_L]`` leaf tensors, possibly batched ``(B, d_j, d_{j-1})``.
-        targets: ``(n,)``, shared by the batch.
+        targets: ``(n,)``, shared by the batch, or ``(B, n)`` with per-problem ``measurements``.
         label_noise: standard deviation of fresh Gaussian noise added to the targets
             at every step (label-noise gradient descent, whose implicit regularizer
             is the trace of the Hessian); a number or a tensor of shape ``(B,)``.
@@ -143,7 +143,7 @@ def train_gd(
     if noisy and len(generators) > 1 and (len(draws) < 2 or draws[0] % len(generators)):
         raise ValueError(f"train_gd: {len(generators)} generators must split the noisy targets' leading dimension "
                          f"evenly, got targets of shape {tuple(draws)}")
-    velocity = [torch.zeros_like(w) for w in weights]
+    opt = HeavyBall(weights, lr=0.0, momentum=momentum)  # as torch.optim.SGD(momentum=...), a step size per problem
     step_size = StepSize(kappa, eta)
     for t in range(steps):
         lr = step_size(weights)
@@ -162,12 +162,14 @@ def train_gd(
                 norm = torch.stack([g.square().sum((-2, -1)) for g in grads]).sum(0).sqrt().clamp_min(1e-300)
                 ascent = [(w + _batch_view(sam / norm) * g).requires_grad_() for w, g in zip(weights, grads)]
             grads = gradient(ascent)
-        with torch.no_grad():
-            for w, v, g in zip(weights, velocity, grads):
-                v.mul_(momentum).add_(g)  # heavy ball, as torch.optim.SGD(momentum=...)
-                w.sub_(_batch_view(lr) * v)
+        for w, g in zip(weights, grads):
+            w.grad = g
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
         if callback is not None:
             callback(t + 1, weights)
+    for w in weights:  # the step read them; the caller's weights come back as they came, without .grad
+        w.grad = None
     return weights
 
 
@@ -216,7 +218,7 @@ def train_flatness(
     eta: float = 0.5,
     momentum: float = 0.9,
     regularizer: Measurements | None = None,
-    kappa: float | None = None,
+    kappa: float | torch.Tensor | None = None,
     backend: str = "auto",
     callback=None,
 ) -> list[torch.Tensor]:
@@ -231,6 +233,7 @@ def train_flatness(
     Args:
         regularizer: the measurements whose trace is regularized (default: the
             training ``measurements``, i.e. the trace of the training loss).
+        kappa: ``kernel_norm(measurements)``, a number or a tensor of the weights' batch shape (per problem).
         callback: called as ``callback(t, weights)`` after step ``t = 1, ..., steps + polish_steps``.
     """
     kappa = kernel_norm(measurements) if kappa is None else kappa

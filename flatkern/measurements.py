@@ -342,7 +342,7 @@ class RankOne(Measurements):
 
 
 # Dense.predict's einsum over the transposed view below this many entries of A, its per-row products above
-_DENSE_EINSUM_MAX = 800_000
+_DENSE_EINSUM_MAX = 1_000_000
 
 
 class Dense(Measurements):
@@ -406,9 +406,9 @@ class Dense(Measurements):
     def predict(self, E):
         # Σ_a (Ap[a] @ E[a, :]): per row a of E, one product with the contiguous (n, d_0) block Ap[a], which
         # reads the private copy once in its own layout.  An einsum over the view A makes a strided copy of
-        # all n d_L d_0 entries per call and in its backward: 4-7x the time at d = 100, n = 2000-5000, but
-        # faster while that copy stays in cache (0.75-0.9x below 4e5 entries, 1.2x above 1.2e6;
-        # bench/bench_sweeps.py)
+        # all n d_L d_0 entries per call and in its backward: 3.8-8x the time at d = 100, n = 2000-5000, 1.5-1.7x
+        # at 1.8e6 entries, but faster while that copy stays in cache (the products take 1.15-1.45x its time at
+        # 8e4-4e5 entries; the two cross between 4e5 and 1.8e6; bench/bench_sweeps.py --tables dense)
         if self.A.numel() < _DENSE_EINSUM_MAX:
             spec = "...ab,...nab->...n" if self.batch_shape else "...ab,nab->...n"
             return torch.einsum(spec, E, self.A)

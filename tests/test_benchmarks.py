@@ -412,5 +412,8 @@ def test_the_sweeps_benchmark_compares_equal_records_and_equal_predictions():
 
     r = sweeps.compare(("completion", 6, 1, 14, 2), (0, 1), RecoverySettings(steps=8, polish_steps=2), rounds=1)
     assert r["separate"] > 0 and r["batched"] > 0 and r["difference"] < 1e-12
-    r = sweeps.dense_predict(9, 4, 2, rounds=1)
-    assert r["flatkern"] > 0 and r["einsum"] > 0 and r["difference"] < 1e-14
+    for per_problem in (False, True):
+        r = sweeps.dense_predict(9, 4, 2, per_problem, rounds=1)
+        assert r["flatkern"] > 0 and r["per-row"] > 0 and r["einsum"] > 0 and r["difference"] < 1e-14
+    r = sweeps.convex("completion", 6, 1, 20)
+    assert r["cvxpy"] > 0 and r["admm"] > 0 and r["gap"] <= 1e-7 and r["difference"] < 1e-6

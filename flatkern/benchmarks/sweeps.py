@@ -10,11 +10,14 @@ alternating rounds, and checks that the records agree:
 
     python bench/bench_sweeps.py            # the --full settings (2000 + 500 steps), 3 seeds
     python bench/bench_sweeps.py --quick    # 300 + 100 steps
-    python bench/bench_sweeps.py --only completion   # (no Dense.predict table)
+    python bench/bench_sweeps.py --only completion   # the seeds table's completion rows only
+    python bench/bench_sweeps.py --tables dense,convex
 
 A second table times ``Dense.predict`` (the products with the ``n`` sensing
 matrices every step of Gaussian sensing makes) against ``torch.einsum`` over
-``Dense.A``, what plain PyTorch writes, at the ``--full`` sizes.
+``Dense.A``, what plain PyTorch writes, from the ``--full`` sizes down to where
+its einsum takes over; a third the convex baseline by ADMM against cvxpy where
+both fit, and ADMM alone at 100 × 100.
 
 Columns: CPU seconds of the seeds one by one and batched (median over rounds),
 their ratio (median of the per-round ratios), and the largest difference of a
@@ -34,7 +37,7 @@ import torch
 
 from ..experiments.recovery import RecoverySettings, batches_seeds, run_networks
 
-__all__ = ["CASES", "compare", "main"]
+__all__ = ["CASES", "DENSE_CASES", "CONVEX_CASES", "compare", "dense_predict", "convex", "main"]
 
 # (experiment, d, rank, n, depth): the --full grid's problems whose seeds run batched
 CASES = (("sensing", 20, 2, 200, 2), ("sensing", 20, 2, 200, 4), ("completion", 20, 2, 200, 2),
@@ -71,22 +74,35 @@ def compare(case: tuple, seeds: tuple, settings: RecoverySettings, rounds: int) 
                 difference=_largest_difference(separate, batched))
 
 
-# (n, d, problems sharing the set): Dense.predict's forward and backward at the --full sizes
-DENSE_CASES = ((2000, 100, 3), (5000, 100, 3), (5000, 100, 1), (2000, 30, 3), (1000, 20, 3), (200, 20, 3))
+# (n, d, problems, per-problem sets): Dense.predict's forward and backward, from the --full sizes down to where its
+# einsum (below _DENSE_EINSUM_MAX entries of A) takes over from its per-row products
+DENSE_CASES = ((2000, 100, 3, False), (5000, 100, 3, False), (5000, 100, 1, False), (2000, 30, 3, False),
+               (500, 40, 3, False), (1000, 20, 3, False), (200, 20, 3, False), (200, 20, 9, True), (2000, 30, 3, True))
 
 
-def dense_predict(n: int, d: int, batch: int, rounds: int) -> dict:
-    """CPU seconds of ``Dense.predict`` (forward and backward to ``E``) and of ``torch.einsum`` over ``Dense.A``
-    (what plain PyTorch writes: ``<A_i, E>`` as an einsum), medians over interleaved rounds of at least 5 calls, and
-    their largest difference relative to the largest prediction."""
+def dense_predict(n: int, d: int, problems: int, per_problem: bool, rounds: int) -> dict:
+    """CPU seconds of ``torch.einsum`` over ``Dense.A`` (what plain PyTorch writes for ``<A_i, E>``), of
+    ``Dense.predict``'s per-row products (forced), and of ``Dense.predict`` as it chooses, each forward and backward
+    to ``E`` for ``problems`` matrices ``E`` (each with its own ``n`` matrices if ``per_problem``); medians over
+    interleaved rounds of at least 5 calls, and the largest difference relative to the largest prediction."""
+    from .. import measurements
     from ..measurements import Dense
 
     g = torch.Generator().manual_seed(0)
-    meas = Dense(torch.randn(n, d, d, generator=g, dtype=torch.float64))
-    E = torch.randn(batch, d, d, generator=g, dtype=torch.float64, requires_grad=True)
-    providers = {"flatkern": lambda: meas.predict(E), "einsum": lambda: torch.einsum("...ab,nab->...n", E, meas.A)}
+    meas = Dense(torch.randn(*((problems,) if per_problem else ()), n, d, d, generator=g, dtype=torch.float64))
+    E = torch.randn(problems, d, d, generator=g, dtype=torch.float64, requires_grad=True)
+    spec = "...ab,...nab->...n" if per_problem else "...ab,nab->...n"
+
+    def per_row():
+        threshold, measurements._DENSE_EINSUM_MAX = measurements._DENSE_EINSUM_MAX, 0
+        try:
+            return meas.predict(E)
+        finally:
+            measurements._DENSE_EINSUM_MAX = threshold
+
+    providers = {"einsum": lambda: torch.einsum(spec, E, meas.A), "per-row": per_row, "flatkern": lambda: meas.predict(E)}
     times = {k: [] for k in providers}
-    reps = max(5, round(2e7 / (n * d * d)))  # calls per round: enough to time a small set
+    reps = min(1000, max(5, round(2e7 / (n * d * d * (problems if per_problem else 1)))))  # enough to time a small set
     for _ in range(rounds + 1):  # the first round warms up
         for k, f in providers.items():
             t = time.thread_time()
@@ -94,11 +110,44 @@ def dense_predict(n: int, d: int, batch: int, rounds: int) -> dict:
                 f().sum().backward()
             times[k].append((time.thread_time() - t) / reps)
     with torch.no_grad():
-        ours, theirs = providers["flatkern"](), providers["einsum"]()
-    difference = float((ours - theirs).abs().max() / theirs.abs().max())
-    return dict(flatkern=statistics.median(times["flatkern"][1:]), einsum=statistics.median(times["einsum"][1:]),
-                ratio=statistics.median(a / b for a, b in zip(times["einsum"][1:], times["flatkern"][1:])),
-                difference=difference)
+        theirs = providers["einsum"]()
+        difference = max(float((providers[k]() - theirs).abs().max() / theirs.abs().max()) for k in ("per-row", "flatkern"))
+    out = {k: statistics.median(v[1:]) for k, v in times.items()}
+    for k in ("per-row", "flatkern"):
+        out[f"{k} ratio"] = statistics.median(a / b for a, b in zip(times["einsum"][1:], times[k][1:]))
+    return dict(out, difference=difference, entries=meas.A.numel())
+
+
+# (experiment, d, rank, n): the convex program by ADMM against cvxpy where both fit, and ADMM alone at 100 × 100
+CONVEX_CASES = (("sensing", 20, 2, 120), ("sensing", 20, 2, 200), ("completion", 20, 2, 120), ("completion", 20, 2, 200),
+                ("sensing", 40, 2, 480), ("completion", 40, 2, 480),
+                ("completion", 100, 5, 2000), ("completion", 100, 5, 5000), ("sensing", 100, 5, 2000),
+                ("sensing", 100, 5, 5000))
+
+
+def convex(experiment: str, d: int, rank: int, n: int) -> dict:
+    """CPU seconds of ``nuclear_norm_first_order`` (ADMM) and, where its SDP fits (``CVXPY_MAX_SIZE``), of cvxpy
+    on one problem (``make_problem``, seed 0), ADMM's iterations and certified gap, and the relative difference of
+    the two nuclear norms."""
+    from ..experiments.baselines import CVXPY_MAX_SIZE, nuclear_norm_first_order
+    from ..experiments.recovery import make_problem
+
+    M, meas, b = make_problem(experiment, n, 0, RecoverySettings(d=d, rank=rank))
+    t = time.thread_time()
+    X, report = nuclear_norm_first_order(meas, b, (d, d))
+    out = dict(admm=time.thread_time() - t, iterations=report["iterations"], gap=report["gap"], cvxpy=None,
+               difference=None)
+    if d <= CVXPY_MAX_SIZE:
+        import cvxpy  # noqa: F401  (imported before the clock starts)
+
+        from ..experiments.baselines import nuclear_norm_solution
+
+        t = time.process_time()  # cvxpy's solver may use threads of its own: all of this process's CPU time
+        Y = nuclear_norm_solution(meas, b, (d, d))
+        out["cvxpy"] = time.process_time() - t
+        nuc = lambda Z: float(torch.linalg.matrix_norm(Z, ord="nuc"))  # noqa: E731
+        out["difference"] = abs(nuc(X) - nuc(Y)) / nuc(Y)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,13 +157,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3, --quick 2)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of a grid point (default 3, as --full)")
     parser.add_argument("--only", default=None, help="run only the cases whose row contains this text")
+    parser.add_argument("--tables", default="seeds,dense,convex",
+                        help="which tables, comma-separated (default: seeds,dense,convex)")
     args = parser.parse_args(argv)
+    tables = set(args.tables.split(","))
+    if not tables or tables - {"seeds", "dense", "convex"}:
+        parser.error(f"--tables: choose among seeds, dense, convex; got {args.tables!r}")
     torch.set_num_threads(1)
     settings = RecoverySettings(steps=300, polish_steps=100) if args.quick else RecoverySettings(steps=2000, polish_steps=500)
     rounds = args.rounds or (2 if args.quick else 3)
     seeds = tuple(range(args.seeds))
     print(f"torch {torch.__version__}, 1 thread, float64; run_networks, {settings.steps} + {settings.polish_steps} steps, "
           f"{len(seeds)} seeds, {rounds} alternating rounds; CPU seconds (time.thread_time)\n")
+    if "seeds" in tables:
+        _seeds_table(args, settings, seeds, rounds)
+    if "dense" in tables and not args.only:
+        _dense_table(rounds)
+    if "convex" in tables and not args.only:
+        _convex_table()
+    return 0
+
+
+def _seeds_table(args, settings: RecoverySettings, seeds: tuple, rounds: int) -> None:
     print("| problem | depth | seeds one by one (s) | batched (s) | one by one / batched | largest relative difference |")
     print("|---|---|---|---|---|---|")
     for case in CASES:
@@ -128,17 +192,35 @@ def main(argv: list[str] | None = None) -> int:
         r = compare(case, seeds, settings, rounds)
         print(f"| {row} | {depth} | {r['separate']:.2f} | {r['batched']:.2f} | {r['ratio']:.2f}x | {r['difference']:.1e} |",
               flush=True)
-    if args.only:
-        return 0
-    print("\n`Dense.predict`, forward and backward to E, against `torch.einsum('...ab,nab->...n', E, A)` "
-          "(ms, medians over rounds; below 8e5 entries of A, Dense.predict is that einsum):\n")
-    print("| n | d | problems | einsum (ms) | flatkern (ms) | einsum / flatkern | largest difference |")
-    print("|---|---|---|---|---|---|---|")
-    for n, d, batch in DENSE_CASES:
-        r = dense_predict(n, d, batch, max(rounds, 3))
-        print(f"| {n} | {d} | {batch} | {1e3 * r['einsum']:.3g} | {1e3 * r['flatkern']:.3g} | {r['ratio']:.2f}x | "
-              f"{r['difference']:.1e} |", flush=True)
-    return 0
+
+
+def _dense_table(rounds: int) -> None:
+    print("\n`Dense.predict`, forward and backward to E, against `torch.einsum` over `A` (plain PyTorch); `per-row`: "
+          "its products forced, `flatkern`: as it chooses (the einsum below 1e6 entries of A); CPU ms, medians over "
+          "rounds:\n")
+    print("| n | d | problems | own sets | entries of A | einsum (ms) | per-row (ms) | einsum / per-row | flatkern (ms) "
+          "| einsum / flatkern | largest difference |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, d, problems, per_problem in DENSE_CASES:
+        r = dense_predict(n, d, problems, per_problem, max(rounds, 3))
+        print(f"| {n} | {d} | {problems} | {'yes' if per_problem else 'no'} | {r['entries']:.1e} | {1e3 * r['einsum']:.3g} "
+              f"| {1e3 * r['per-row']:.3g} | {r['per-row ratio']:.2f}x | {1e3 * r['flatkern']:.3g} "
+              f"| {r['flatkern ratio']:.2f}x | {r['difference']:.1e} |", flush=True)
+
+
+def _convex_table() -> None:
+    print("\nThe convex program `min ‖X‖_* s.t. A(X) = b` (seed 0): ADMM with a certified duality gap "
+          "(`nuclear_norm_first_order`) against cvxpy + Clarabel where its SDP fits (CPU seconds; cvxpy's over its "
+          "process):\n")
+    print("| problem | n | ADMM (s) | iterations | certified gap | cvxpy (s) | cvxpy / ADMM | nuclear norms differ by |")
+    print("|---|---|---|---|---|---|---|---|")
+    for experiment, d, rank, n in CONVEX_CASES:
+        r = convex(experiment, d, rank, n)
+        theirs = "— (its SDP does not fit)" if r["cvxpy"] is None else f"{r['cvxpy']:.2f}"
+        ratio = "—" if r["cvxpy"] is None else f"{r['cvxpy'] / r['admm']:.2f}x"
+        diff = "—" if r["difference"] is None else f"{r['difference']:.1e}"
+        print(f"| {experiment} {d}×{d} rank {rank} | {n} | {r['admm']:.2f} | {r['iterations']} | {r['gap']:.1e} | {theirs} "
+              f"| {ratio} | {diff} |", flush=True)
 
 
 if __name__ == "__main__":

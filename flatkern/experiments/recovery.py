@@ -32,8 +32,8 @@ The four network methods of a problem size, ``n`` and depth run as one task for
 every seed of the grid: the seeds' problems, each with its own measurements,
 step sizes and random numbers, stacked into one batch (``run_networks``), which
 gives each seed's records up to float rounding (``tests/test_experiments.py``),
-2.0-2.2x faster for three seeds of 20 × 20 completion, 1.2-1.4x for 20 × 20
-sensing and 1.1-1.2x at 100 × 100 (``bench/bench_sweeps.py``).
+2.0-2.2x faster for three seeds of 20 × 20 completion, 1.0-1.25x at 100 × 100,
+and no reliable gain for 20 × 20 sensing (0.9-1.4x; ``bench/bench_sweeps.py``).
 """
 
 from __future__ import annotations
@@ -400,8 +400,8 @@ class Recovery(Experiment):
         chain = 1 + (task.depth - 2) / 4
         if task.kind == "networks":
             # a step's Python and dispatch (the first term) is shared by a batch of seeds; its products are not
-            # (bench/bench_sweeps.py: three seeds batched 2.0-2.2x faster for completion at 20 × 20, 1.1-1.2x at
-            # 100 × 100, 1.2-1.4x for sensing, whose batch reads each seed's own Dense set)
+            # (bench/bench_sweeps.py: three seeds batched 2.0-2.2x faster for completion at 20 × 20, 1.0-1.25x at
+            # 100 × 100, 0.9-1.4x for sensing, whose batch reads each seed's own Dense set)
             seeds = len(task.seeds)
             overhead = 2.5e-3 * (1 + task.depth / 4)
             work = overhead * (max(1.0, d / 60) - 1) + (3e-9 * n * d * d if dense else 0.0)

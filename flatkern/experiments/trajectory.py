@@ -318,12 +318,14 @@ class Trajectory(Experiment):
 
     def cost(self, task: TrajectoryTask, s: TrajectoryGrid) -> float:
         # measured (one thread, d = 20, n = 200): gd, sam and flatness 2-4 ms per step of the three at L = 2-3;
-        # label_noise_sgd 0.3 ms and one_sam 0.9 ms per step per 10 chain-examples at L = 2, about twice at L = 4;
-        # the flattest solve and cvxpy 1-3 s
+        # the two minibatch methods together ~1.9 ms a step at 4 chains of 10 examples, L = 3-4 (--full's tasks:
+        # 480-565 s for 200,000 steps; chains are batched, so a chain adds a quarter of one); the flattest
+        # solve and cvxpy 1-3 s
         r = s.run
         scale = (s.problem.d / 20) ** 2
         full_batch = (0.0025 + 0.0015 * (task.depth - 2)) * (r.steps + r.timing_steps)
-        stochastic = (0.0012 * (1 + 0.5 * (task.depth - 2)) * r.chains * r.batch_size / 10) * r.sgd_steps
+        chains = 1 + 0.25 * (r.chains - 1)
+        stochastic = 1.1e-3 * (1 + 0.14 * (task.depth - 2)) * chains * (r.batch_size / 10) * r.sgd_steps
         return (full_batch + stochastic) * scale + 2.0 * (task.depth - 1)
 
     def table(self, records: list[dict]) -> dict:

@@ -595,7 +595,7 @@ def tiny_journal_lines(tmp_path_factory) -> list[str]:
     torch.set_num_threads(1)
     try:
         for i in (0, 1):
-            journal.append(i, tasks[i], run_task(tasks[i], grid, "auto"), 0.5)
+            journal.append(i, tasks[i], run_task(tasks[i], grid, "auto"), 600.0)  # far above any task's own seconds
     finally:
         torch.set_num_threads(threads)
     journal.close()
@@ -660,7 +660,12 @@ def test_an_untouched_journal_resumes(tmp_path, tiny_journal_lines):
     (out / "records.jsonl").write_text("".join(tiny_journal_lines))
     proc = subprocess.run(_tiny_command(out, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed: 2 tasks came" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "resumed: 2 tasks came" in summary
+    # where the time went counts the resumed tasks at the seconds their journal lines hold
+    journal_seconds = sum(json.loads(line)["seconds"] for line in tiny_journal_lines if '"index"' in line)
+    flattest = next(line for line in summary.splitlines() if line.startswith("| flattest |"))
+    assert journal_seconds == 1200.0 and float(flattest.split("|")[3]) >= journal_seconds
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, capsys):

@@ -32,6 +32,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -58,8 +59,8 @@ def _largest_difference(separate: list[dict], batched: list[dict]) -> float:
 def compare(case: tuple, seeds: tuple, settings: RecoverySettings, rounds: int) -> dict:
     """``{"separate", "batched"}`` CPU seconds (medians), ``ratio`` (median of per-round ratios) and ``difference``."""
     experiment, d, rank, n, depth = case
-    s = RecoverySettings(**{**settings.__dict__, "d": d, "rank": rank})
-    warm = RecoverySettings(**{**s.__dict__, "steps": 2, "polish_steps": 1})
+    s = replace(settings, d=d, rank=rank)
+    warm = replace(s, steps=2, polish_steps=1)
     run_networks(experiment, depth, n, seeds[0], warm), run_networks(experiment, depth, n, seeds, warm)  # first-call costs
     times = {"separate": [], "batched": []}
     for _ in range(rounds):

@@ -284,6 +284,11 @@ def nuclear_norm_first_order(measurements: Measurements, targets: torch.Tensor, 
         return _admm(_Affine(measurements, targets, shape), tol, max_iterations, rho, check_every, relaxation)
 
 
+def _rank(report: dict) -> tuple:
+    """How a certificate compares: feasible (to ``FEASIBILITY_TOL``) first, then by its gap."""
+    return (report["feasibility"] > FEASIBILITY_TOL, report["gap"])
+
+
 def _admm(con: _Affine, tol: float, max_iterations: int, rho: float | None, check_every: int, relaxation: float):
     b = con.targets()
     b_norm = float(con.b.norm())
@@ -330,12 +335,11 @@ def _admm(con: _Affine, tol: float, max_iterations: int, rho: float | None, chec
         if iterations % check_every == 0 or iterations == max_iterations:
             # w belongs to this U (before any rescaling below); the bound is invariant to w's scale
             Zc, report = certificate(Z, w)
-            # the best so far: a feasible iterate before an infeasible one, then the smaller gap
-            rank = (report["feasibility"] > FEASIBILITY_TOL, report["gap"])
-            if best is None or rank < (best[1]["feasibility"] > FEASIBILITY_TOL, best[1]["gap"]):
+            # the best so far: a feasible iterate before an infeasible one, then the smaller gap (a certificate that
+            # meets both tests is the best: every earlier feasible one had a gap above tol, or the loop had stopped)
+            if best is None or _rank(report) < _rank(best[1]):
                 best = (Zc, report)
             if report["gap"] <= tol and report["feasibility"] <= FEASIBILITY_TOL:
-                best = (Zc, report)
                 break
         primal = float((X - Z).norm())
         dual = rho * float((Z - Z_prev).norm())

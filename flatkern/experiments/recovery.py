@@ -140,15 +140,24 @@ def metrics(weights, E: torch.Tensor, M: torch.Tensor, meas: Measurements, b: to
     return out
 
 
+def _per_problem(values: list, repeat: int):
+    """``values`` (tensors or numbers, one per seed) for a batch of ``len(values) * repeat`` problems: stacked, each
+    ``repeat`` times in order, or the one value itself when there is one (shared by the batch: no copy)."""
+    if len(values) == 1:
+        return values[0]
+    stacked = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+    return stacked.repeat_interleave(repeat, 0)
+
+
 def _stacked(sets: list[Measurements], repeat: int) -> Measurements:
-    """One measurement set per problem of a batch of ``len(sets) * repeat`` problems (each set ``repeat`` times, in
-    order), or the one set itself when there is one (shared by the batch: no copy)."""
+    """One measurement set per problem of a batch of ``len(sets) * repeat`` problems (``_per_problem``), or the one
+    set itself when there is one."""
     if len(sets) == 1:
         return sets[0]
     if isinstance(sets[0], Dense):
-        return Dense(torch.stack([m.A for m in sets]).repeat_interleave(repeat, 0))
+        return Dense(_per_problem([m.A for m in sets], repeat))
     if isinstance(sets[0], Entries):
-        rows, cols = (torch.stack([getattr(m, f) for m in sets]).repeat_interleave(repeat, 0) for f in ("rows", "cols"))
+        rows, cols = (_per_problem([getattr(m, f) for m in sets], repeat) for f in ("rows", "cols"))
         return Entries(rows, cols, sets[0].shape)
     raise TypeError(f"_stacked supports Dense and Entries, got {type(sets[0]).__name__}")
 
@@ -178,16 +187,15 @@ def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoveryS
     problems = [make_problem(experiment, n, seed, settings) for seed in seeds]
     S, d, s = len(seeds), settings.d, settings
     widths = [d] * (depth + 1)
-    kappas = torch.tensor([kernel_norm(meas) for _, meas, _ in problems], dtype=torch.float64)
+    sets, targets = [meas for _, meas, _ in problems], [b for _, _, b in problems]
+    kappas = [kernel_norm(meas) for meas in sets]
     # gd, gd_small_init and label_noise share the loop: a batch of three problems per seed
     gens = [_generator("init", experiment, depth, n, seed) for seed in seeds]
     scales = torch.tensor([1.0, s.init_scale ** (1.0 / depth), 1.0], dtype=torch.float64)
     inits = [standard_init(widths, scale=scales, batch=(3,), generator=g) for g in gens]
     W = [torch.cat([w[j].detach() for w in inits]).requires_grad_() for j in range(depth)]
-    meas = _stacked([m for _, m, _ in problems], 3)
-    b = torch.stack([b for _, _, b in problems]).repeat_interleave(3, 0) if S > 1 else problems[0][2]
+    meas, b, kappa = _stacked(sets, 3), _per_problem(targets, 3), _per_problem(kappas, 3)
     noise = torch.tensor([0.0, 0.0, s.label_noise], dtype=torch.float64).repeat(S)
-    kappa = kappas.repeat_interleave(3) if S > 1 else float(kappas[0])
     train_gd(W, meas, b, steps=s.steps, eta=s.eta, label_noise=noise, generator=gens, kappa=kappa, backend=backend)
     train_gd(W, meas, b, steps=s.polish_steps, eta=s.eta, kappa=kappa, backend=backend)
     records = [[] for _ in seeds]
@@ -198,10 +206,8 @@ def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoveryS
             records[i].append(dict(method=method, **metrics(Wi, E, M, meas_i, b_i, depth, backend)))
 
     inits = [standard_init(widths, generator=_generator("init", experiment, depth, n, seed, "flatness")) for seed in seeds]
-    W = [torch.stack([w[j].detach() for w in inits]).requires_grad_() if S > 1 else inits[0][j] for j in range(depth)]
-    meas = _stacked([m for _, m, _ in problems], 1)
-    b = torch.stack([b for _, _, b in problems]) if S > 1 else problems[0][2]
-    kappa = kappas if S > 1 else float(kappas[0])
+    W = [_per_problem([w[j].detach() for w in inits], 1).requires_grad_() for j in range(depth)]
+    meas, b, kappa = _stacked(sets, 1), _per_problem(targets, 1), _per_problem(kappas, 1)
     if experiment == "sensing" and s.sensing_regularizer == "isotropic":
         reg = Isotropic()
     elif experiment == "completion" or s.sensing_regularizer == "train":

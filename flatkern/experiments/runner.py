@@ -319,7 +319,6 @@ def run_grid(
     shared = _Ranks(store) if store is not None else _Local()
     journal = Journal(out, rank, grid, tasks, backend, command) if out is not None else None
     done: dict[int, list[dict]] = {}
-    task_seconds = 0.0
     pool = None
     bar = _Progress(sum(cost_ms[i] for i in remaining), len(remaining),
                     f"flatkern reproduce ({grid.name}" + (f", {world} ranks)" if world > 1 else ")"),
@@ -345,7 +344,6 @@ def run_grid(
                         if journal is not None:
                             journal.append(index, tasks[index], records, seconds)
                         done[index] = records
-                    task_seconds += seconds
                     seconds_of[index] = seconds
                     count += 1
                     cost += cost_ms[index]
@@ -355,11 +353,12 @@ def run_grid(
                 pool.close(terminate=False)
             processes = len(pool.used) if pool is not None else 0
             if store is not None:
-                payload = {"done": {str(i): r for i, r in done.items()}, "processes": processes, "task_seconds": task_seconds,
+                payload = {"done": {str(i): r for i, r in done.items()}, "processes": processes,
                            "seconds": {str(i): seconds_of[i] for i in done}}
                 if rank != 0:
                     store.set(f"records/{rank}", json.dumps(payload))
-                    return Run(None, time.perf_counter() - start, processes, len(tasks), len(kept), task_seconds)
+                    return Run(None, time.perf_counter() - start, processes, len(tasks), len(kept),
+                               sum(seconds_of[i] for i in done))
                 for other in range(1, world):
                     key = f"records/{other}"
                     while not store.check([key]):  # polled, so that Ctrl-C is seen
@@ -368,7 +367,6 @@ def run_grid(
                     part = json.loads(store.get(key))
                     done.update({int(i): r for i, r in part["done"].items()})
                     processes += part["processes"]
-                    task_seconds += part["task_seconds"]
                     seconds_of.update({int(i): x for i, x in part["seconds"].items()})
     except BaseException:
         if pool is not None:
@@ -378,6 +376,7 @@ def run_grid(
         bar.close()
         if journal is not None:
             journal.close()
+    task_seconds = sum(seconds_of[i] for i in done)  # the tasks run here, on every rank: not the resumed ones
     for index, entry in kept.items():
         done.setdefault(index, entry["records"])
     missing = [i for i in range(len(tasks)) if i not in done]

@@ -308,3 +308,97 @@ def test_batched_seeds_equal_separate_runs_on_the_compiled_kernels_and_with_the_
         _float_fields_agree(separate, run_networks("sensing", 2, 12, (0, 1), s, backend))
     finally:
         torch.set_num_threads(threads)
+
+
+def _retry_problem():
+    # one 1×1 "matrix" per problem, its one entry observed with target 1: the loss is (w − 1)² at w = [[w]]
+    from flatkern.measurements import Entries
+
+    return Entries(torch.tensor([0]), torch.tensor([0]), (1, 1)), torch.tensor([1.0], dtype=torch.float64)
+
+
+def test_retry_diverged_halves_only_the_diverged_problems_step_and_keeps_the_others_runs():
+    from flatkern.experiments.training import MAX_HALVINGS, retry_diverged
+
+    meas, b = _retry_problem()
+    # problem i ends at w = 1 (zero loss) when its step size is below threshold[i], else at w = 101 (diverged):
+    # problem 0 never diverges, problem 1 needs three halvings (0.5 -> 0.0625), problem 2 always diverges
+    threshold = torch.tensor([1.0, 0.1, 0.0], dtype=torch.float64)
+    calls = []
+
+    def train(W, eta):
+        eta = torch.as_tensor(eta, dtype=torch.float64).expand(3)
+        calls.append(eta.clone())
+        with torch.no_grad():
+            W[0].copy_((1.0 + 100.0 * (eta >= threshold).double() + 1e-3 * len(calls)).reshape(3, 1, 1))
+
+    start = torch.zeros(3, 1, 1, dtype=torch.float64)
+    W, halvings, diverged = retry_diverged(train, [start], meas, b, eta=0.5, backend="torch")
+    assert len(calls) == MAX_HALVINGS + 1 and float(calls[0][0]) == 0.5 and not isinstance(calls[0], float)
+    assert halvings.tolist() == [0, 3, MAX_HALVINGS] and diverged.tolist() == [False, False, True]
+    assert [float(c[1]) for c in calls] == [0.5, 0.25, 0.125, 0.0625, 0.0625]
+    assert [float(c[0]) for c in calls] == [0.5] * (MAX_HALVINGS + 1)  # never halved
+    w = W[0].detach().flatten().tolist()
+    assert w[0] == 1.001  # its first run, kept
+    assert w[1] == 1.0 + 1e-3 * 4  # the run at 0.0625 (the fourth call), not the fifth call's
+    assert w[2] == 101.0 + 1e-3 * 5  # the last try's, still diverged
+    assert start.eq(0).all() and W[0].requires_grad
+
+
+def test_retry_diverged_on_one_unbatched_problem():
+    from flatkern.experiments.training import retry_diverged
+
+    meas, b = _retry_problem()
+
+    def train(W, eta):
+        with torch.no_grad():
+            W[0].fill_(1.0 if float(eta) < 0.2 else 50.0)
+
+    W, halvings, diverged = retry_diverged(train, [torch.zeros(1, 1, dtype=torch.float64)], meas, b, eta=0.5,
+                                           backend="torch")
+    assert W[0].shape == (1, 1) and float(W[0].detach()) == 1.0 and int(halvings) == 2 and not bool(diverged)
+
+
+def test_a_run_that_diverges_trains_again_with_a_smaller_step_its_record_says_so_and_the_others_are_unchanged():
+    # 12×12 completion at depth 4 from the small initialization, 72 of 144 entries observed: with the step size
+    # 0.5 / S(W) its loss went from 0.08 to 170 in 35 steps (S bounds the Gauss-Newton curvature only)
+    from dataclasses import replace
+
+    from flatkern.experiments.recovery import RecoverySettings, run_networks
+    from flatkern.experiments.report import solve_lines
+
+    s = RecoverySettings(d=12, rank=1, steps=30, polish_steps=5)
+    records = {r["method"]: r for r in run_networks("completion", 4, 72, 1, s, "torch")}
+    small = records["gd_small_init"]
+    assert small["step_halvings"] >= 1 and small["eta"] == s.eta * 0.5 ** small["step_halvings"]
+    assert "diverged" not in small and small["train_loss"] < 0.08
+    for method in ("gd", "label_noise", "flatness"):
+        assert "step_halvings" not in records[method] and "eta" not in records[method], method
+    # the retried problem is its run at the smaller step size; the problems beside it ran once, as before
+    again = {r["method"]: r for r in run_networks("completion", 4, 72, 1, replace(s, eta=small["eta"]), "torch")}
+    _float_fields_agree([again["gd_small_init"]], [{k: v for k, v in small.items() if k not in ("eta", "step_halvings")}])
+    text = "\n".join(solve_lines(list(records.values())))
+    assert "**1 training runs diverged and ran again with a smaller step size**" in text
+    assert f"completion 12×12 L=4 n=72 seed 1 gd_small_init (eta {small['eta']:g})" in text
+    assert "at every step size tried" not in text
+
+
+def test_the_summary_names_network_runs_that_end_above_zero_loss():
+    from flatkern.experiments.recovery import COMPLETION, FIT_TOLERANCE, SENSING
+
+    def record(experiment, method, depth, n, loss, seed=0):
+        return dict(experiment=experiment, method=method, depth=depth, n=n, seed=seed, d=20, rank=2, rel_error=0.5,
+                    nuclear_norm=1.0, train_loss=loss, trace=None, trace_isotropic=None, ratio=None)
+
+    # the targets' mean square: d = 20 for Gaussian sensing, 1/d for completion
+    fit, unfit = 0.5 * FIT_TOLERANCE, 2 * FIT_TOLERANCE
+    sensing = [record("sensing", "gd", 2, 80, 20 * fit), record("sensing", "flatness", 4, 80, 20 * unfit),
+               record("sensing", "flatness", 4, 120, float("nan")), record("sensing", "gd_small_init", 3, 80, 20 * unfit)]
+    text = "\n".join(SENSING.summary_section(sensing))
+    assert ("**3 of 4 network runs end above zero loss**" in text
+            and "`gd_small_init` L=3: 1 (n = 80); `flatness` L=4: 2 (n = 80, 120)." in text), text
+    # the same losses are above zero loss for completion's smaller targets
+    completion = [dict(r, experiment="completion", train_loss=unfit / 20) for r in sensing[:1]]
+    assert "**1 of 1 network runs end above zero loss**" in "\n".join(COMPLETION.summary_section(completion))
+    completion[0]["train_loss"] = fit / 20
+    assert "zero loss" not in "\n".join(COMPLETION.summary_section(completion))

@@ -51,7 +51,7 @@ from ..theory import flatness_lower_bound
 from .base import (COMMON_FIELDS, INT, NUMBER, OPTIONAL_NUMBER, STYLE, Experiment, budget_lines, figure_legend, fmt, gap,
                    mean, pyplot, seeds_phrase, suptitle, swept_problems, within_budget)
 from .baselines import convex_solver, nuclear_norm_solution
-from .training import kernel_norm, standard_init, train_flatness, train_gd
+from .training import kernel_norm, retry_diverged, standard_init, train_flatness, train_gd
 
 __all__ = ["RecoverySettings", "RecoveryGrid", "RecoveryTask", "SENSING", "COMPLETION", "make_problem", "run_networks",
            "batches_seeds", "BATCH_MAX_DENSE",
@@ -86,6 +86,16 @@ class RecoverySettings:
     solution_tol: float = 1e-8
     solution_max_outer: int = 30
     solution_max_inner: int = 200
+
+
+# a network run fits its measurements when its training loss is at most this fraction of the targets' mean square
+FIT_TOLERANCE = 1e-6
+
+
+def _target_mean_square(experiment: str, d: int) -> float:
+    """``E[b_i²]`` of ``make_problem``'s targets: ``‖M*‖_F² = d`` for standard Gaussian ``A_i`` (sensing),
+    ``‖M*‖_F² / d² = 1 / d`` for uniformly drawn entries (completion)."""
+    return float(d) if experiment == "sensing" else 1.0 / d
 
 
 def _generator(*key) -> torch.Generator:
@@ -174,12 +184,22 @@ def batches_seeds(experiment: str, d: int, n: int) -> bool:
     return experiment == "completion" or n * d * d <= BATCH_MAX_DENSE
 
 
+def _retries(halvings: torch.Tensor, diverged: torch.Tensor, eta: float) -> dict:
+    """The record's fields on ``retry_diverged``: none for a run that did not diverge (its record is as before),
+    ``eta`` (the step-size fraction it ran with) and ``step_halvings`` for one that did, and ``diverged: true`` for
+    one that diverged at every step size tried."""
+    k = int(halvings)
+    return ({} if k == 0 else dict(eta=eta * 0.5**k, step_halvings=k)) | ({"diverged": True} if bool(diverged) else {})
+
+
 def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoverySettings, backend: str = "auto") -> list[dict]:
     """Train the four network methods on the problems ``(experiment, n, seed)`` of ``seeds`` (an int or a tuple of
     them); one record per seed and method, seed by seed.
 
     The seeds run as one batch of problems, each with its own measurements, step sizes and random numbers
     (``batches_seeds``); a record is its separate run's up to float rounding (``tests/test_experiments.py``).
+    A run that diverges is trained again with its step size halved (``retry_diverged``); its record says so
+    (``_retries``).
     """
     seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
     if len(seeds) > 1 and not batches_seeds(experiment, settings.d, n):
@@ -193,20 +213,29 @@ def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoveryS
     gens = [_generator("init", experiment, depth, n, seed) for seed in seeds]
     scales = torch.tensor([1.0, s.init_scale ** (1.0 / depth), 1.0], dtype=torch.float64)
     inits = [standard_init(widths, scale=scales, batch=(3,), generator=g) for g in gens]
-    W = [torch.cat([w[j].detach() for w in inits]).requires_grad_() for j in range(depth)]
+    W = [torch.cat([w[j].detach() for w in inits]) for j in range(depth)]
     meas, b, kappa = _stacked(sets, 3), _per_problem(targets, 3), _per_problem(kappas, 3)
     noise = torch.tensor([0.0, 0.0, s.label_noise], dtype=torch.float64).repeat(S)
-    train_gd(W, meas, b, steps=s.steps, eta=s.eta, label_noise=noise, generator=gens, kappa=kappa, backend=backend)
-    train_gd(W, meas, b, steps=s.polish_steps, eta=s.eta, kappa=kappa, backend=backend)
+
+    def descend(W, eta):
+        # the label noise from fresh generators, after the init's draws: a retry draws what the first run drew
+        noise_gens = [_generator("init", experiment, depth, n, seed) for seed in seeds]
+        for g in noise_gens:
+            standard_init(widths, scale=scales, batch=(3,), generator=g)
+        train_gd(W, meas, b, steps=s.steps, eta=eta, label_noise=noise, generator=noise_gens, kappa=kappa, backend=backend)
+        train_gd(W, meas, b, steps=s.polish_steps, eta=eta, kappa=kappa, backend=backend)
+
+    W, halvings, diverged = retry_diverged(descend, W, meas, b, eta=s.eta, backend=backend)
     records = [[] for _ in seeds]
     for i, (M, meas_i, b_i) in enumerate(problems):
         for k, method in enumerate(("gd", "gd_small_init", "label_noise")):
             Wi = [w[3 * i + k].detach() for w in W]
             E = end_to_end(Wi, backend=backend)
-            records[i].append(dict(method=method, **metrics(Wi, E, M, meas_i, b_i, depth, backend)))
+            records[i].append(dict(method=method, **metrics(Wi, E, M, meas_i, b_i, depth, backend),
+                                   **_retries(halvings[3 * i + k], diverged[3 * i + k], s.eta)))
 
     inits = [standard_init(widths, generator=_generator("init", experiment, depth, n, seed, "flatness")) for seed in seeds]
-    W = [_per_problem([w[j].detach() for w in inits], 1).requires_grad_() for j in range(depth)]
+    W = [_per_problem([w[j].detach() for w in inits], 1) for j in range(depth)]
     meas, b, kappa = _stacked(sets, 1), _per_problem(targets, 1), _per_problem(kappas, 1)
     if experiment == "sensing" and s.sensing_regularizer == "isotropic":
         reg = Isotropic()
@@ -214,12 +243,18 @@ def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoveryS
         reg = meas
     else:
         raise ValueError(f"sensing_regularizer must be 'isotropic' or 'train', got {s.sensing_regularizer!r}")
-    train_flatness(W, meas, b, steps=s.steps, lam_start=s.lam_start, lam_end=s.lam_end, polish_steps=s.polish_steps,
-                   eta=s.eta, regularizer=reg, kappa=kappa, backend=backend)
+
+    def regularize(W, eta):
+        train_flatness(W, meas, b, steps=s.steps, lam_start=s.lam_start, lam_end=s.lam_end, polish_steps=s.polish_steps,
+                       eta=eta, regularizer=reg, kappa=kappa, backend=backend)
+
+    W, halvings, diverged = retry_diverged(regularize, W, meas, b, eta=s.eta, backend=backend)
     for i, (M, meas_i, b_i) in enumerate(problems):
-        Wf = [w[i].detach() if S > 1 else w.detach() for w in W]
+        j = i if S > 1 else ...
+        Wf = [w[j].detach() for w in W]
         records[i].append(dict(method="flatness", regularizer="isotropic" if reg is not meas else "train",
-                               **metrics(Wf, end_to_end(Wf, backend=backend), M, meas_i, b_i, depth, backend)))
+                               **metrics(Wf, end_to_end(Wf, backend=backend), M, meas_i, b_i, depth, backend),
+                               **_retries(halvings[j], diverged[j], s.eta)))
     return [dict(experiment=experiment, depth=depth, n=n, seed=seed, d=d, rank=s.rank, **r)
             for seed, mine in zip(seeds, records) for r in mine]
 
@@ -478,6 +513,7 @@ class Recovery(Experiment):
         for (depth, n), row in table.items():
             lines.append(f"| {depth} | {n} | " + " | ".join(fmt(row.get(m, math.nan)) for m in methods) + " |")
         lines.append("")
+        lines += self._unfit_lines(records)
         gaps = self.nuclear_norm_gaps(records)
         depths = sorted({k for row in gaps.values() for k in row if k != "convex"})
         if depths:
@@ -497,6 +533,22 @@ class Recovery(Experiment):
                 lines.append(f"| {n} | {row['convex']:.4f} | " + " | ".join(gap(row.get(d, math.nan)) for d in depths) + " |")
             lines.append("")
         return lines
+
+    def _unfit_lines(self, records: list[dict]) -> list[str]:
+        """The network runs that end above zero loss (``FIT_TOLERANCE``), by method and depth: their error is a run's
+        still fitting the measurements, not an interpolator's."""
+        runs = [r for r in records if r["method"] in NETWORK_METHODS and "train_loss" in r and isinstance(r.get("d"), int)]
+        unfit = [r for r in runs if not r["train_loss"] <= FIT_TOLERANCE * _target_mean_square(self.name, r["d"])]
+        if not unfit:
+            return []
+        groups = defaultdict(list)
+        for r in unfit:
+            groups[(NETWORK_METHODS.index(r["method"]), r["depth"])].append(r)
+        parts = [f"`{NETWORK_METHODS[m]}` L={depth}: {len(rs)} (n = {', '.join(str(n) for n in sorted({r['n'] for r in rs}))})"
+                 for (m, depth), rs in sorted(groups.items())]
+        return [f"**{len(unfit)} of {len(runs)} network runs end above zero loss** (training loss above "
+                f"{FIT_TOLERANCE:g} of the targets' mean square; their error is that of a run still fitting the "
+                "measurements at the end of its steps, not an interpolator's): " + "; ".join(parts) + ".", ""]
 
     def figure(self, records: list[dict]):
         """Relative recovery error against ``n``: one row of panels per problem size, one panel per depth, one line per

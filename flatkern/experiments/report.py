@@ -83,7 +83,8 @@ def _by_experiment(records: list[dict], among=None) -> list[tuple]:
 
 def solve_lines(records: list[dict]) -> list[str]:
     """The summary's lines on the solves: how many flattest solves ran and which missed their convergence test,
-    and which convex solves stopped short of their optimality test."""
+    which training runs diverged and ran again with a smaller step (``training.retry_diverged``), and which convex
+    solves stopped short of their optimality test."""
     lines: list[str] = []
     # every record of a flattest solve carries `converged` (flatkern.flattest_solution's report); the convex
     # program's carry `solver_status` ("optimal": cvxpy's, or ADMM's gap certified within its tolerance)
@@ -99,6 +100,18 @@ def solve_lines(records: list[dict]) -> list[str]:
                + ")." if failed else "every one met its convergence test."),
             "",
         ]
+    retried = [r for r in records if r.get("step_halvings")]
+    if retried:
+        still = [r for r in retried if r.get("diverged")]
+        lines += [f"**{len(retried)} training runs diverged and ran again with a smaller step size** (`step_halvings` "
+                  "and `eta` in `results.json`; the step-size rule bounds the Gauss-Newton curvature, not the residual's, "
+                  "`retry_diverged`): "
+                  + ", ".join(f"{r['experiment']} {r.get('d', '?')}×{r.get('d', '?')} L={r['depth']} n={r.get('n')} "
+                              f"seed {r['seed']} {r['method']} (eta {r['eta']:g})" for r in retried)
+                  + (f". **{len(still)} of them diverged at every step size tried** (`diverged: true`): "
+                     + ", ".join(f"{r['experiment']} L={r['depth']} n={r.get('n')} seed {r['seed']} {r['method']}"
+                                 for r in still) + "; their numbers in the tables are a diverged run's." if still else ".")
+                  , ""]
     if short:
         lines += [f"**{len(short)} convex solves stopped short of their optimality test** (`solver_status` "
                   "`optimal_inaccurate`: cvxpy's, or ADMM at its iteration cap before its certified gap reached 1e-7): "

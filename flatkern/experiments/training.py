@@ -18,6 +18,12 @@ problems, each with its own step size.  Heavy ball is stable for
 them, plain minibatch SGD without momentum (label-noise SGD, and 1-SAM with its
 per-example ascent step), its step size ``eta / S_B(W)`` set with ``κ_B``, the
 largest curvature of a minibatch loss (``minibatch_kernel_norm``).
+
+``S`` misses the Hessian's other part, ``2 <A*(r)/n, ∇²E>``, which the residual
+``r`` drives: from a small initialization of a deep chain with many observed
+entries (100×100 completion, depth 4, n = 5,000) it dominates, and a run can
+diverge in its first steps.  ``retry_diverged`` trains such a problem again with
+its step size halved, and leaves the others' runs as they were.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from ..optim import FlatnessRegularized
 from ..reference import chain_products_ref
 
 __all__ = ["kernel_norm", "minibatch_kernel_norm", "curvature_bound", "standard_init", "train_gd", "train_flatness", "HeavyBall",
-           "train_sgd", "predict_at"]
+           "train_sgd", "predict_at", "retry_diverged", "MAX_HALVINGS"]
 
 
 def kernel_norm(measurements: Measurements) -> float:
@@ -93,6 +99,53 @@ def standard_init(widths: list[int], *, scale=1.0, batch: tuple[int, ...] = (), 
         (torch.randn(*batch, d_out, d_in, generator=generator, dtype=dtype) * scale / d_in**0.5).requires_grad_()
         for d_in, d_out in zip(widths[:-1], widths[1:])
     ]
+
+
+# how many times retry_diverged halves a diverged problem's step size before it reports the problem as diverged
+MAX_HALVINGS = 4
+
+
+def retry_diverged(train, weights: list[torch.Tensor], measurements: Measurements, targets: torch.Tensor, *, eta: float,
+                   backend: str = "auto"):
+    """``train(W, eta)`` from ``weights``, then again, from ``weights``, for the problems that diverged.
+
+    A problem diverged when its final ``mse_loss`` is not finite or above its loss at ``weights`` (every run here is
+    meant to end at zero loss).  Each retry halves the diverged problems' step size (``eta`` becomes a tensor of the
+    batch shape) and keeps the problems' earlier runs for the others; since every problem of a batch steps on its own,
+    a problem's result is its separate run's, retries included.
+
+    Args:
+        train: ``train(W, eta)`` trains the leaf tensors ``W`` in place; ``eta`` is a float or a tensor of the
+            weights' batch shape, ``(...)``.  It must draw its random numbers afresh on each call (a retry redraws
+            what the first run drew).
+        weights: ``[W_1, ..., W_L]``, ``(..., d_j, d_{j-1})``, the start; not modified.
+
+    Returns:
+        ``(W, halvings, diverged)``: the trained leaves, and per problem (``(...)``) how many times its step size
+        was halved (int64) and whether it still diverged after ``MAX_HALVINGS`` halvings (bool).
+    """
+    start = [w.detach() for w in weights]
+    with torch.no_grad():
+        loss0 = mse_loss(start, measurements, targets, backend=backend)
+    halvings = torch.zeros(loss0.shape, dtype=torch.int64)
+    result, bad = None, None
+    for attempt in range(MAX_HALVINGS + 1):
+        W = [w.clone().requires_grad_() for w in start]
+        train(W, eta if attempt == 0 else eta * 0.5 ** halvings.to(torch.float64))
+        with torch.no_grad():
+            loss = mse_loss(W, measurements, targets, backend=backend)
+            now_bad = ~torch.isfinite(loss) | (loss > loss0)
+            if result is None:
+                result = [w.detach().clone() for w in W]
+            else:  # only the problems retried take the new run
+                for r, w in zip(result, W):
+                    r[bad] = w.detach()[bad]
+                now_bad = now_bad & bad
+        bad = now_bad
+        if not bad.any() or attempt == MAX_HALVINGS:
+            break
+        halvings = halvings + bad.to(torch.int64)
+    return [r.requires_grad_() for r in result], halvings, bad
 
 
 def _batch_view(lr: torch.Tensor) -> torch.Tensor:

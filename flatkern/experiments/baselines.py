@@ -11,7 +11,8 @@ import torch
 from .._checks import check_int, check_real
 from ..measurements import Dense, Entries, Measurements
 
-__all__ = ["nuclear_norm_solution", "nuclear_norm_first_order", "convex_solver", "CVXPY_MAX_SIZE", "balanced_factorization"]
+__all__ = ["nuclear_norm_solution", "nuclear_norm_first_order", "convex_solver", "convex_cost", "convex_memory_gb",
+           "CVXPY_MAX_SIZE", "balanced_factorization"]
 
 # the largest max(d_L, d_0) solved by cvxpy: its SDP factors a dense block of (d (2d + 1))² entries, 1.3 GB at 50 × 50
 # and over 20 GB at 100 × 100 (measured: OOM-killed on a 23 GB machine); beyond it, ADMM (nuclear_norm_first_order)
@@ -21,6 +22,39 @@ CVXPY_MAX_SIZE = 50
 def convex_solver(shape: tuple[int, int]) -> str:
     """``"cvxpy"`` (Clarabel's interior point) for ``X`` up to ``CVXPY_MAX_SIZE`` on a side, else ``"admm"``."""
     return "cvxpy" if max(shape) <= CVXPY_MAX_SIZE else "admm"
+
+
+def convex_cost(dense: bool, d: int, n: int) -> float:
+    """Estimated seconds (one thread) of ``nuclear_norm_solution`` for a ``d × d`` ``X`` and ``n`` measurements.
+
+    Clarabel's SDP (``convex_solver``: up to 50 × 50), measured on one thread of a loaded machine:
+    3-4 s at d = 20 (n <= 200); Gaussian sensing 76 s at d = 50, n = 500 and 209 s at n = 1000 (``(n d²)^1.46``);
+    completion 34 s at d = 40, n = 320 and 218 s at d = 60, n = 720 (``d^4.6``; its n matters little).  ADMM
+    (beyond), at 100 × 100 rank 5: completion 1.1 ms an iteration, sensing the n × n Gram and its inverse
+    (1.1 s at n = 2000, 8.1 s at n = 5000) then 17-42 ms an iteration (~8.5e-10 s per n d²); 50-1500
+    iterations (the most near the recovery threshold), 2000 assumed.
+    """
+    if convex_solver((d, d)) == "admm":
+        iterations = 2000
+        if dense:
+            return 2.8e-11 * n * n * d * d + 8.5e-10 * n * d * d * iterations
+        return 1.1e-3 * (d / 100) ** 2 * iterations
+    if dense:
+        return max(3.5, 209.0 * (n * d * d / 2.5e6) ** 1.46)
+    return max(3.5, 218.0 * (d / 60) ** 4.6)
+
+
+def convex_memory_gb(dense: bool, d: int, n: int) -> float:
+    """Estimated peak memory (GB) of ``nuclear_norm_solution`` for a ``d × d`` ``X`` and ``n`` measurements.
+
+    cvxpy: Clarabel factors a dense block of the ``2d × 2d`` PSD cone's ``m = d(2d + 1)`` entries, ``m²`` of
+    them (measured: completion at d = 100, n = 2000 passed 20 GB and was killed by the kernel's OOM killer on a
+    23 GB machine; 50 bytes per ``m²``).  ADMM: a copy of the ``n`` sensing matrices and the ``n × n`` Gram's
+    inverse, ``8 (n d² + 2 n²)`` bytes (measured 1.0 GB at n = 5000), plus torch's 0.3 GB.
+    """
+    if convex_solver((d, d)) == "admm":
+        return (8e-9 * (n * d * d + 2 * n * n) if dense else 0.0) + 0.3
+    return 50e-9 * (d * (2 * d + 1)) ** 2
 
 
 def nuclear_norm_solution(measurements: Measurements, targets: torch.Tensor, shape: tuple[int, int], *, return_status: bool = False):
@@ -192,7 +226,7 @@ def nuclear_norm_first_order(measurements: Measurements, targets: torch.Tensor, 
 
     The convex baseline of ``nuclear_norm_solution`` without an interior-point SDP: memory
     ``O(d_L d_0 + n d_L d_0 + n²)`` (Dense) or ``O(d_L d_0 + n)`` (Entries) instead of Clarabel's
-    ``O(d⁴)`` (see ``recovery.convex_memory_gb``).
+    ``O(d⁴)`` (see ``convex_memory_gb``).
 
     Algorithm (scaled ADMM on ``min ‖X‖_* + 1{A(Z) = b}`` s.t. ``X = Z``; Boyd et al. 2011, §3), all
     iterates ``(d_L, d_0)``, starting from ``Z = Π(0)``, ``U = 0``::

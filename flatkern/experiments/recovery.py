@@ -50,12 +50,12 @@ from ..ops import end_to_end, hessian_trace
 from ..theory import flatness_lower_bound
 from .base import (COMMON_FIELDS, INT, NUMBER, OPTIONAL_NUMBER, STYLE, Experiment, budget_lines, figure_legend, fmt, gap,
                    mean, pyplot, seeds_phrase, suptitle, swept_problems, within_budget)
-from .baselines import convex_solver, nuclear_norm_solution
-from .training import kernel_norm, retry_diverged, standard_init, train_flatness, train_gd
+from .baselines import convex_cost, convex_memory_gb, convex_solver, nuclear_norm_solution
+from .training import kernel_norm, retry_diverged, retry_fields, standard_init, train_flatness, train_gd
 
 __all__ = ["RecoverySettings", "RecoveryGrid", "RecoveryTask", "SENSING", "COMPLETION", "make_problem", "run_networks",
            "batches_seeds", "BATCH_MAX_DENSE",
-           "run_flattest_solution", "run_nuclear_norm", "NETWORK_METHODS", "METHODS", "convex_cost", "convex_memory_gb",
+           "run_flattest_solution", "run_nuclear_norm", "NETWORK_METHODS", "METHODS",
            "LITERATURE", "FULL_TASK_SECONDS", "FULL_TASK_MEMORY_GB"]
 
 NETWORK_METHODS = ("gd", "gd_small_init", "label_noise", "flatness")
@@ -184,14 +184,6 @@ def batches_seeds(experiment: str, d: int, n: int) -> bool:
     return experiment == "completion" or n * d * d <= BATCH_MAX_DENSE
 
 
-def _retries(halvings: torch.Tensor, diverged: torch.Tensor, eta: float) -> dict:
-    """The record's fields on ``retry_diverged``: none for a run that did not diverge (its record is as before),
-    ``eta`` (the step-size fraction it ran with) and ``step_halvings`` for one that did, and ``diverged: true`` for
-    one that diverged at every step size tried."""
-    k = int(halvings)
-    return ({} if k == 0 else dict(eta=eta * 0.5**k, step_halvings=k)) | ({"diverged": True} if bool(diverged) else {})
-
-
 def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoverySettings, backend: str = "auto") -> list[dict]:
     """Train the four network methods on the problems ``(experiment, n, seed)`` of ``seeds`` (an int or a tuple of
     them); one record per seed and method, seed by seed.
@@ -199,7 +191,7 @@ def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoveryS
     The seeds run as one batch of problems, each with its own measurements, step sizes and random numbers
     (``batches_seeds``); a record is its separate run's up to float rounding (``tests/test_experiments.py``).
     A run that diverges is trained again with its step size halved (``retry_diverged``); its record says so
-    (``_retries``).
+    (``retry_fields``).
     """
     seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
     if len(seeds) > 1 and not batches_seeds(experiment, settings.d, n):
@@ -213,16 +205,15 @@ def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoveryS
     gens = [_generator("init", experiment, depth, n, seed) for seed in seeds]
     scales = torch.tensor([1.0, s.init_scale ** (1.0 / depth), 1.0], dtype=torch.float64)
     inits = [standard_init(widths, scale=scales, batch=(3,), generator=g) for g in gens]
+    after_init = [g.get_state() for g in gens]  # the label noise draws from here, in every run of retry_diverged
     W = [torch.cat([w[j].detach() for w in inits]) for j in range(depth)]
     meas, b, kappa = _stacked(sets, 3), _per_problem(targets, 3), _per_problem(kappas, 3)
     noise = torch.tensor([0.0, 0.0, s.label_noise], dtype=torch.float64).repeat(S)
 
     def descend(W, eta):
-        # the label noise from fresh generators, after the init's draws: a retry draws what the first run drew
-        noise_gens = [_generator("init", experiment, depth, n, seed) for seed in seeds]
-        for g in noise_gens:
-            standard_init(widths, scale=scales, batch=(3,), generator=g)
-        train_gd(W, meas, b, steps=s.steps, eta=eta, label_noise=noise, generator=noise_gens, kappa=kappa, backend=backend)
+        for g, state in zip(gens, after_init):  # a retry draws what the first run drew
+            g.set_state(state)
+        train_gd(W, meas, b, steps=s.steps, eta=eta, label_noise=noise, generator=gens, kappa=kappa, backend=backend)
         train_gd(W, meas, b, steps=s.polish_steps, eta=eta, kappa=kappa, backend=backend)
 
     W, halvings, diverged = retry_diverged(descend, W, meas, b, eta=s.eta, backend=backend)
@@ -232,7 +223,7 @@ def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoveryS
             Wi = [w[3 * i + k].detach() for w in W]
             E = end_to_end(Wi, backend=backend)
             records[i].append(dict(method=method, **metrics(Wi, E, M, meas_i, b_i, depth, backend),
-                                   **_retries(halvings[3 * i + k], diverged[3 * i + k], s.eta)))
+                                   **retry_fields(halvings[3 * i + k], diverged[3 * i + k], s.eta)))
 
     inits = [standard_init(widths, generator=_generator("init", experiment, depth, n, seed, "flatness")) for seed in seeds]
     W = [_per_problem([w[j].detach() for w in inits], 1) for j in range(depth)]
@@ -254,7 +245,7 @@ def run_networks(experiment: str, depth: int, n: int, seeds, settings: RecoveryS
         Wf = [w[j].detach() for w in W]
         records[i].append(dict(method="flatness", regularizer="isotropic" if reg is not meas else "train",
                                **metrics(Wf, end_to_end(Wf, backend=backend), M, meas_i, b_i, depth, backend),
-                               **_retries(halvings[j], diverged[j], s.eta)))
+                               **retry_fields(halvings[j], diverged[j], s.eta)))
     return [dict(experiment=experiment, depth=depth, n=n, seed=seed, d=d, rank=s.rank, **r)
             for seed, mine in zip(seeds, records) for r in mine]
 
@@ -323,37 +314,6 @@ class RecoveryGrid:
 _QUICK = RecoverySettings(steps=600, polish_steps=200)
 _FULL = RecoverySettings(steps=2000, polish_steps=500)
 _FULL_NS = (60, 80, 100, 120, 140, 160, 180, 200)
-def convex_cost(dense: bool, d: int, n: int) -> float:
-    """Estimated seconds (one thread) of ``nuclear_norm_solution`` for a ``d × d`` ``X`` and ``n`` measurements.
-
-    Clarabel's SDP (``baselines.convex_solver``: up to 50 × 50), measured on one thread of a loaded machine:
-    3-4 s at d = 20 (n <= 200); Gaussian sensing 76 s at d = 50, n = 500 and 209 s at n = 1000 (``(n d²)^1.46``);
-    completion 34 s at d = 40, n = 320 and 218 s at d = 60, n = 720 (``d^4.6``; its n matters little).  ADMM
-    (beyond), at 100 × 100 rank 5: completion 1.1 ms an iteration, sensing the n × n Gram and its inverse
-    (1.1 s at n = 2000, 8.1 s at n = 5000) then 17-42 ms an iteration (~8.5e-10 s per n d²); 50-1500
-    iterations (the most near the recovery threshold), 2000 assumed.
-    """
-    if convex_solver((d, d)) == "admm":
-        iterations = 2000
-        if dense:
-            return 2.8e-11 * n * n * d * d + 8.5e-10 * n * d * d * iterations
-        return 1.1e-3 * (d / 100) ** 2 * iterations
-    if dense:
-        return max(3.5, 209.0 * (n * d * d / 2.5e6) ** 1.46)
-    return max(3.5, 218.0 * (d / 60) ** 4.6)
-
-
-def convex_memory_gb(dense: bool, d: int, n: int) -> float:
-    """Estimated peak memory (GB) of ``nuclear_norm_solution`` for a ``d × d`` ``X`` and ``n`` measurements.
-
-    cvxpy: Clarabel factors a dense block of the ``2d × 2d`` PSD cone's ``m = d(2d + 1)`` entries, ``m²`` of
-    them (measured: completion at d = 100, n = 2000 passed 20 GB and was killed by the kernel's OOM killer on a
-    23 GB machine; 50 bytes per ``m²``).  ADMM: a copy of the ``n`` sensing matrices and the ``n × n`` Gram's
-    inverse, ``8 (n d² + 2 n²)`` bytes (measured 1.0 GB at n = 5000), plus torch's 0.3 GB.
-    """
-    if convex_solver((d, d)) == "admm":
-        return (8e-9 * (n * d * d + 2 * n * n) if dense else 0.0) + 0.3
-    return 50e-9 * (d * (2 * d + 1)) ** 2
 
 
 # the literature's size (Arora et al. 2019): 100 × 100, rank 5, n = 2,000 to 5,000 observations

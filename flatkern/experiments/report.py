@@ -103,15 +103,16 @@ def solve_lines(records: list[dict]) -> list[str]:
     retried = [r for r in records if r.get("step_halvings")]
     if retried:
         still = [r for r in retried if r.get("diverged")]
+
+        def run(r: dict) -> str:
+            return f"{r['experiment']} {r.get('d', '?')}×{r.get('d', '?')} L={r['depth']} n={r.get('n')} seed {r['seed']} {r['method']}"
+
         lines += [f"**{len(retried)} training runs diverged and ran again with a smaller step size** (`step_halvings` "
                   "and `eta` in `results.json`; the step-size rule bounds the Gauss-Newton curvature, not the residual's, "
-                  "`retry_diverged`): "
-                  + ", ".join(f"{r['experiment']} {r.get('d', '?')}×{r.get('d', '?')} L={r['depth']} n={r.get('n')} "
-                              f"seed {r['seed']} {r['method']} (eta {r['eta']:g})" for r in retried)
+                  "`retry_diverged`): " + ", ".join(f"{run(r)} (eta {r['eta']:g})" for r in retried)
                   + (f". **{len(still)} of them diverged at every step size tried** (`diverged: true`): "
-                     + ", ".join(f"{r['experiment']} L={r['depth']} n={r.get('n')} seed {r['seed']} {r['method']}"
-                                 for r in still) + "; their numbers in the tables are a diverged run's." if still else ".")
-                  , ""]
+                     + ", ".join(run(r) for r in still) + "; their numbers in the tables are a diverged run's." if still else "."),
+                  ""]
     if short:
         lines += [f"**{len(short)} convex solves stopped short of their optimality test** (`solver_status` "
                   "`optimal_inaccurate`: cvxpy's, or ADMM at its iteration cap before its certified gap reached 1e-7): "

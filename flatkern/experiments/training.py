@@ -36,7 +36,7 @@ from ..optim import FlatnessRegularized
 from ..reference import chain_products_ref
 
 __all__ = ["kernel_norm", "minibatch_kernel_norm", "curvature_bound", "standard_init", "train_gd", "train_flatness", "HeavyBall",
-           "train_sgd", "predict_at", "retry_diverged", "MAX_HALVINGS"]
+           "train_sgd", "predict_at", "retry_diverged", "retry_fields", "MAX_HALVINGS"]
 
 
 def kernel_norm(measurements: Measurements) -> float:
@@ -146,6 +146,14 @@ def retry_diverged(train, weights: list[torch.Tensor], measurements: Measurement
             break
         halvings = halvings + bad.to(torch.int64)
     return [r.requires_grad_() for r in result], halvings, bad
+
+
+def retry_fields(halvings: torch.Tensor, diverged: torch.Tensor, eta: float) -> dict:
+    """A record's fields on one problem's ``retry_diverged``: none for a run that did not diverge (its record is as
+    before), ``eta`` (the step-size fraction it ran with) and ``step_halvings`` for one that did, and
+    ``diverged: true`` for one that diverged at every step size tried."""
+    k = int(halvings)
+    return ({} if k == 0 else dict(eta=eta * 0.5**k, step_halvings=k)) | ({"diverged": True} if bool(diverged) else {})
 
 
 def _batch_view(lr: torch.Tensor) -> torch.Tensor:

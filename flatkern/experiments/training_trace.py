@@ -63,8 +63,8 @@ from ..theory import rip_constant_lower_estimate, rip_nuclear_norm_factor
 from .base import (COMMON_FIELDS, INT, NUMBER, OPTIONAL_NUMBER, Experiment, budget_lines, figure_legend, fmt, mean, pyplot,
                    seeds_phrase, suptitle, swept_problems, within_budget)
 from .baselines import nuclear_norm_solution
-from .recovery import (FULL_TASK_MEMORY_GB, FULL_TASK_SECONDS, LITERATURE, RecoverySettings, _generator, convex_cost,
-                       convex_memory_gb, make_problem, metrics)
+from .baselines import convex_cost, convex_memory_gb
+from .recovery import FULL_TASK_MEMORY_GB, FULL_TASK_SECONDS, LITERATURE, RecoverySettings, _generator, make_problem, metrics
 from .solution import solve_flattest
 
 __all__ = ["TrainingTraceSettings", "TrainingTraceGrid", "TrainingTraceTask", "TRAINING_TRACE", "METHODS",
@@ -234,7 +234,7 @@ class TrainingTrace(Experiment):
         # 0.5 s at L = 2, 1-2 s at L = 3, 2.8-3 s at L = 4, the training-trace solve 8 s / 36 s at d = 40, n = 1200,
         # L = 2 / 3.  The training trace costs O(n d^3) per evaluation: measured 3.1 s (L = 2) and 6.9 s (L = 4)
         # for the trace and its gradient at 100 × 100, n = 2000, 7 s at n = 5000, so a solve of a few hundred
-        # evaluations takes an hour there.  cvxpy as in `recovery` (`recovery.convex_cost`).
+        # evaluations takes an hour there.  cvxpy as in `recovery` (`baselines.convex_cost`).
         d, n = task.d, task.n
         if task.kind == "nuclear_norm":
             return max(0.8 * (d / 20) ** 3 * n / (7 * d), convex_cost(True, d, n))

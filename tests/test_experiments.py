@@ -402,3 +402,44 @@ def test_the_summary_names_network_runs_that_end_above_zero_loss():
     assert "**1 of 1 network runs end above zero loss**" in "\n".join(COMPLETION.summary_section(completion))
     completion[0]["train_loss"] = fit / 20
     assert "zero loss" not in "\n".join(COMPLETION.summary_section(completion))
+
+
+def test_retry_diverged_halves_each_problem_until_its_own_threshold_property():
+    # any batch shape and thresholds: a problem diverges while its step size is at least its threshold; it is
+    # halved the fewest times that bring it below (capped at MAX_HALVINGS, then reported diverged), and a problem
+    # that never diverged keeps its first run
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from flatkern.experiments.training import MAX_HALVINGS, retry_diverged
+
+    meas, b = _retry_problem()
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.sampled_from([1.0, 0.4, 0.3, 0.2, 0.1, 0.05, 0.03, 0.01, 0.0]), min_size=1, max_size=6),
+           st.booleans())
+    def check(thresholds, unbatched):
+        threshold = torch.tensor(thresholds, dtype=torch.float64)
+        shape = () if unbatched else threshold.shape
+        threshold = threshold[0] if unbatched else threshold
+        calls = []
+
+        def train(W, eta):
+            eta = torch.as_tensor(eta, dtype=torch.float64).expand(shape)
+            calls.append(1)
+            with torch.no_grad():
+                W[0].copy_((1.0 + 100.0 * (eta >= threshold).double() + 1e-3 * len(calls)).reshape(*shape, 1, 1))
+
+        W, halvings, diverged = retry_diverged(train, [torch.zeros(*shape, 1, 1, dtype=torch.float64)], meas, b,
+                                               eta=0.5, backend="torch")
+        for i in (range(len(thresholds)) if not unbatched else [...]):
+            t = float(threshold[i])
+            want = next((k for k in range(MAX_HALVINGS + 1) if 0.5 * 0.5**k < t), MAX_HALVINGS)
+            assert int(halvings[i]) == want and bool(diverged[i]) == (0.5 * 0.5**want >= t), (thresholds, i)
+            # the run it keeps: the first for a problem that never diverged, else the call at its last step size
+            call = 1 if want == 0 else 1 + want
+            if bool(diverged[i]):
+                call = len(calls)
+            assert float(W[0].detach()[i].flatten()[0]) == 1.0 + 100.0 * bool(diverged[i]) + 1e-3 * call
+
+    check()
